@@ -1,0 +1,1 @@
+"""Diagnostics: one small file per diagnostic, each a `actgrad.diagnostic.Diagnostic`."""

@@ -1,0 +1,1 @@
+"""actgrad: see inside a neural network while it trains."""

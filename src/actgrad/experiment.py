@@ -1,0 +1,121 @@
+"""From a composed Hydra config to a trained, logged run: `train(cfg)`, plain and testable."""
+
+import logging
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from actgrad.diagnostic import write_scalars
+from actgrad.module import Diverged, LanguageModel
+
+log = logging.getLogger(__name__)
+
+# Lightning's start-up chatter (device lines, a sales tip) and two warnings that do not apply:
+# we log at our own cadence, and the pytree deprecation is Lightning's own business.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+class ConfigError(ValueError):
+    """A setting we cannot run with; the message names it and says what is accepted."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Catch bad values before anything is built or written."""
+    positive = {
+        "optimizer.lr": cfg.optimizer.get("lr"),
+        "trainer.max_steps": cfg.trainer.max_steps,
+        "steps_per_batch": cfg.steps_per_batch,
+        "log_every_n_steps": cfg.log_every_n_steps,
+        "val_every_n_steps": cfg.val_every_n_steps,
+    }
+    for key, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: must be a number > 0")
+    for key in ("log_every_n_steps", "val_every_n_steps"):
+        if cfg[key] % cfg.steps_per_batch:
+            raise ConfigError(
+                f"{key}={cfg[key]}: must be a multiple of steps_per_batch={cfg.steps_per_batch} "
+                "(the loop hands control back to Lightning only between batches)"
+            )
+
+
+def build(cfg: DictConfig):
+    """The data module and the LightningModule a config describes, initialised and seeded."""
+    data = instantiate(cfg.data)
+    data.prepare()
+    norm = instantiate(cfg.norm) if cfg.norm else None
+    net = instantiate(cfg.model, vocab_size=data.vocab_size, block_size=data.block_size, norm=norm)
+    instantiate(cfg.init)(net)
+    module = LanguageModel(
+        net,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        log_every_n_steps=cfg.log_every_n_steps,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    return data, module
+
+
+def flat(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train one run into run_dir and return its final losses and status.
+
+    Bad settings or data raise ConfigError/DataError (ValueError) before anything is written;
+    a run that diverges returns status 'diverged'.
+    """
+    run_dir = Path(run_dir)
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, verbose=False)
+    data, module = build(cfg)
+    data.steps_per_batch, data.max_steps, data.seed = cfg.steps_per_batch, cfg.trainer.max_steps, cfg.seed
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    callbacks.append(instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints")))
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                          val_check_interval=cfg.val_every_n_steps // cfg.steps_per_batch)
+
+    log.info("training %s steps on %s into %s", cfg.trainer.max_steps, trainer.strategy.root_device, run_dir)
+    status = "completed"
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    except Diverged as e:
+        log.error("%s", e)
+        status = "diverged"
+
+    results = {"status": status, "steps": trainer.global_step}
+    if status == "completed":
+        losses = {split: module.evaluate(*data.splits[split]) for split in ("train", "val", "test")}
+        write_scalars(trainer, {"val/loss": losses["val"], "test/loss": losses["test"]}, trainer.global_step)
+        results.update({f"final/{split}_loss": float(loss) for split, loss in losses.items()})
+    hparams = flat(OmegaConf.to_container(cfg, resolve=True)) | flat(data.describe(), "dataset.")
+    logger.log_hyperparams(hparams, metrics={k: v for k, v in results.items() if k.startswith("final/")} or None)
+    logger.finalize("success")
+    (run_dir / "status.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
+    log.info("%s", ", ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in results.items()))
+    return results
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """A run that never started leaves nothing behind."""
+    shutil.rmtree(run_dir, ignore_errors=True)

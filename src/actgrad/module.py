@@ -1,0 +1,121 @@
+"""The LightningModule: a fast training loop around any next-character model.
+
+A step of this model takes well under a millisecond, so Lightning's fixed cost per batch
+(hooks, closures, data fetching: ~400 us, see the lightning-overhead study) would dominate.
+We therefore use manual optimization and run `steps_per_batch` optimizer steps per
+Lightning batch, each step plain PyTorch. Lightning still counts every optimizer step in
+`global_step`, so max_steps, checkpoints and the TensorBoard x-axis are in real steps.
+"""
+
+import logging
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from actgrad.diagnostic import Diagnostic, write_scalars
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(self, net, optimizer, scheduler=None, log_every_n_steps=100, config=None):
+        super().__init__()
+        self.net = net
+        self.make_optimizer = optimizer  # partials from Hydra: this module never knows which optimizer
+        self.make_scheduler = scheduler
+        self.log_every_n_steps = log_every_n_steps
+        self.automatic_optimization = False
+        self.diverged_at = None
+        self._losses = []  # per-step losses on the device since the last write: no host sync per step
+        if config is not None:
+            self.save_hyperparameters(config)  # stored in checkpoints, so a run can be rebuilt from one
+
+    def forward(self, idx):
+        return self.net(idx)
+
+    def configure_optimizers(self):
+        optimizer = self.make_optimizer(self.net.parameters())
+        if self.make_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_scheduler(optimizer), "interval": "step"}}
+
+    def on_fit_start(self):
+        self.diagnostics = [cb for cb in self.trainer.callbacks if isinstance(cb, Diagnostic)]
+
+    def on_train_start(self):
+        self._losses = []
+
+    def training_step(self, batch, batch_idx):
+        xs, ys = batch
+        # the raw torch optimizer: LightningOptimizer.step's wrappers cost ~100 us a step
+        optimizer = self.optimizers().optimizer
+        scheduler = self.lr_schedulers()
+        first = self.global_step
+        for i in range(len(xs)):
+            step = first + i
+            watching = [d for d in self.diagnostics if d.wants(step)]
+            for d in watching:
+                d.active = True
+                d.on_step_start(self.trainer, self, step)
+            loss = F.cross_entropy(self.net(xs[i]), ys[i])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for d in watching:
+                d.on_after_backward(self.trainer, self, step)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            for d in watching:
+                d.on_step_end(self.trainer, self, step)
+                d.active = False
+            self._losses.append(loss.detach())
+        count_optimizer_steps(self.trainer, len(xs))
+        self._write_train_loss()
+
+    def _write_train_loss(self):
+        """Write the mean loss of every whole `log_every_n_steps` interval that has just ended."""
+        n, now = self.log_every_n_steps, self.global_step
+        first = now - len(self._losses)
+        ends = range((first // n + 1) * n, now + 1, n)
+        if not ends:
+            return
+        losses = torch.stack(self._losses)
+        lr = self.optimizers().optimizer.param_groups[0]["lr"]
+        for end in ends:
+            mean = losses[max(end - n, first) - first : end - first].mean()
+            written = write_scalars(self.trainer, {"train/loss": mean, "lr": lr}, end)
+            if not math.isfinite(written["train/loss"]):
+                self.diverged_at = end
+                raise Diverged(f"train/loss is {written['train/loss']} at step {end}: the run diverged")
+        self._losses = self._losses[ends[-1] - first :]
+
+    @torch.no_grad()
+    def evaluate(self, x, y, chunk=65536) -> torch.Tensor:
+        """Mean loss over a whole split, in eval mode (BatchNorm uses its running statistics)."""
+        was_training = self.net.training
+        self.net.eval()
+        x, y = x.to(self.device), y.to(self.device)
+        total = sum(F.cross_entropy(self.net(xc), yc, reduction="sum") for xc, yc in zip(x.split(chunk), y.split(chunk)))
+        self.net.train(was_training)
+        return total / len(y)
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.evaluate(*batch)
+        self.log("val/loss", loss, logger=False)  # for ModelCheckpoint; TensorBoard gets it at the real step
+        write_scalars(self.trainer, {"val/loss": loss}, self.global_step)
+
+    def test_step(self, batch, batch_idx):
+        loss = self.evaluate(*batch)
+        self.log("test/loss", loss, logger=False)
+        write_scalars(self.trainer, {"test/loss": loss}, self.global_step)
+
+
+def count_optimizer_steps(trainer, n: int) -> None:
+    """Tell Lightning that n optimizer steps completed (what LightningOptimizer.step does for one)."""
+    trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(n)
