@@ -6,12 +6,13 @@
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from actgrad.experiment import remove_run_dir, train
+from actgrad.experiment import ConfigError, check_choices, remove_run_dir, train
 
 log = logging.getLogger("actgrad")
 
@@ -21,8 +22,8 @@ def main(cfg):
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         return train(cfg, run_dir)
-    except ValueError as e:  # bad settings or data, found before training started
-        remove_run_dir(run_dir)
+    except ConfigError as e:
+        remove_run_dir(run_dir)  # bad settings or data: nothing was trained, nothing is kept
         log.error("%s", e)
         if HydraConfig.get().mode == RunMode.RUN:
             sys.exit(1)
@@ -30,4 +31,8 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    try:
+        check_choices(sys.argv[1:], Path(__file__).parent / "conf")
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     main()

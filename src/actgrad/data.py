@@ -25,6 +25,7 @@ NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 VOCAB = "." + ALPHABET  # index 0 is the start/end token
 STOI = {ch: i for i, ch in enumerate(VOCAB)}
+CENSUS = "census-1990-first-names"
 
 
 class DataError(ValueError):
@@ -106,13 +107,13 @@ def load_words(path: str | None, cache_dir: str, url: str = NAMES_URL) -> Words:
             download(url, cached, NAMES_SHA256)
         except (OSError, DataError) as e:
             log.warning(
-                "names.txt unavailable (%s); using the 1990 US Census first names from the `names` package instead. "
-                "For the lecture's data set put names.txt at %s or set data.path.",
-                e, cached,
+                "names.txt unavailable (%s); using %s instead (1990 US Census first names, from the `names` "
+                "package). For the lecture's data set put names.txt at %s or set data.path.",
+                e, CENSUS, cached,
             )
             words = census_names()
             digest = hashlib.sha256("\n".join(words).encode()).hexdigest()
-            return Words(words, "census-1990-first-names", digest)
+            return Words(words, CENSUS, digest)
     return Words(read_words(cached), "names.txt", sha256_of(cached))
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from actgrad import naming  # noqa: F401  (registers the ${swept:} resolver used in conf/config.yaml)
 from actgrad.diagnostic import write_scalars
 from actgrad.module import Diverged, LanguageModel
 
@@ -49,8 +51,35 @@ def check_config(cfg: DictConfig) -> None:
             )
 
 
+def check_choices(args: list[str], conf_dir: Path) -> None:
+    """`init=foo` on the command line: name the bad choice and the accepted ones, in one line.
+
+    (Hydra would say it too, in fifteen lines with its search path.) Only plain values and
+    comma lists are checked; sweep functions like glob() or choice() are left to Hydra.
+    """
+    for arg in args:
+        group, _, values = arg.partition("=")
+        folder = conf_dir / group
+        if not values or "(" in values or group.startswith(("hydra", "+", "~")) or not folder.is_dir():
+            continue
+        accepted = sorted(p.stem for p in folder.glob("*.yaml"))
+        for value in values.split(","):
+            if value not in accepted:
+                raise ConfigError(f"{group}={value}: unknown {group}; accepted: {', '.join(accepted)}")
+
+
+def explain(error: Exception) -> str | None:
+    """The one-line message of an error caused by bad settings or data, else None."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__  # Hydra wraps what a constructor raised
+    if isinstance(error, (ValueError, TypeError)):
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return None
+
+
 def build(cfg: DictConfig):
-    """The data module and the LightningModule a config describes, initialised and seeded."""
+    """The data module and the LightningModule a config describes, seeded and initialised."""
+    L.seed_everything(cfg.seed, verbose=False)
     data = instantiate(cfg.data)
     data.prepare()
     norm = instantiate(cfg.norm) if cfg.norm else None
@@ -79,21 +108,27 @@ def flat(d: dict, prefix="") -> dict:
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train one run into run_dir and return its final losses and status.
 
-    Bad settings or data raise ConfigError/DataError (ValueError) before anything is written;
-    a run that diverges returns status 'diverged'.
+    Bad settings or data raise ConfigError, with a one-line message, before anything is
+    written; a run that diverges returns status 'diverged'.
     """
     run_dir = Path(run_dir)
-    check_config(cfg)
+    try:
+        check_config(cfg)
+        data, module = build(cfg)
+        callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+        callbacks.append(instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints")))
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks,
+                              val_check_interval=cfg.val_every_n_steps // cfg.steps_per_batch)
+    except Exception as e:
+        message = explain(e)
+        if message is None:
+            raise
+        raise ConfigError(message) from e
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    L.seed_everything(cfg.seed, verbose=False)
-    data, module = build(cfg)
     data.steps_per_batch, data.max_steps, data.seed = cfg.steps_per_batch, cfg.trainer.max_steps, cfg.seed
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-    callbacks.append(instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints")))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                          val_check_interval=cfg.val_every_n_steps // cfg.steps_per_batch)
+    trainer.loggers = [logger]
 
     log.info("training %s steps on %s into %s", cfg.trainer.max_steps, trainer.strategy.root_device, run_dir)
     status = "completed"
