@@ -9,25 +9,39 @@ import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import open_dict
 
 from actgrad.experiment import ConfigError, check_choices, remove_run_dir, train
+from actgrad.sweep import assign_gpu, gpu_count
 
 log = logging.getLogger("actgrad")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    gpu = assign_gpu(hydra_cfg.job.num, gpu_count(), cfg.jobs_per_gpu) if sweeping else None
+    if gpu is not None:
+        with open_dict(cfg):
+            cfg.trainer.accelerator, cfg.trainer.devices = "gpu", [gpu]
     try:
-        return train(cfg, run_dir)
-    except ConfigError as e:
-        remove_run_dir(run_dir)  # bad settings or data: nothing was trained, nothing is kept
+        results = train(cfg, run_dir)
+    except ConfigError as e:  # bad settings or data: nothing was trained
         log.error("%s", e)
-        if HydraConfig.get().mode == RunMode.RUN:
+        remove_run_dir(run_dir)
+        if not sweeping:
             sys.exit(1)
-        return {"status": "failed", "error": str(e)}
+        results = {"status": "failed", "error": str(e)}  # the sweep's summary and report list it
+        run_dir.mkdir(parents=True)
+        (run_dir / "status.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
+    if results["status"] == "failed" and not sweeping:
+        sys.exit(1)
+    return results
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from actgrad import naming  # noqa: F401  (registers the ${swept:} resolver used in conf/config.yaml)
+from actgrad import sweep  # noqa: F401  (registers the resolvers conf/config.yaml uses)
 from actgrad.diagnostic import write_scalars
 from actgrad.module import Diverged, LanguageModel
 
@@ -85,6 +85,8 @@ def build(cfg: DictConfig):
     norm = instantiate(cfg.norm) if cfg.norm else None
     net = instantiate(cfg.model, vocab_size=data.vocab_size, block_size=data.block_size, norm=norm)
     instantiate(cfg.init)(net)
+    if cfg.compile:
+        net.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
     module = LanguageModel(
         net,
         optimizer=instantiate(cfg.optimizer),
@@ -105,11 +107,12 @@ def flat(d: dict, prefix="") -> dict:
     return out
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
     """Train one run into run_dir and return its final losses and status.
 
     Bad settings or data raise ConfigError, with a one-line message, before anything is
-    written; a run that diverges returns status 'diverged'.
+    written. A run that diverges or crashes returns status 'diverged' or 'failed' (with the
+    error), recorded in run_dir/status.yaml and in TensorBoard (TEXT and the HPARAMS status).
     """
     run_dir = Path(run_dir)
     try:
@@ -117,6 +120,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         data, module = build(cfg)
         callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
         callbacks.append(instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints")))
+        callbacks.extend(extra_callbacks)
         trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks,
                               val_check_interval=cfg.val_every_n_steps // cfg.steps_per_batch)
     except Exception as e:
@@ -131,26 +135,36 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     trainer.loggers = [logger]
 
     log.info("training %s steps on %s into %s", cfg.trainer.max_steps, trainer.strategy.root_device, run_dir)
-    status = "completed"
+    results = {"status": "completed"}
     try:
         trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
-    except Diverged as e:
+    except Diverged as e:  # a result, not a crash: the sweep goes on and reports it
         log.error("%s", e)
-        status = "diverged"
-
-    results = {"status": status, "steps": trainer.global_step}
-    if status == "completed":
+        results = {"status": "diverged", "error": str(e)}
+    except Exception as e:  # one crashed job must not take a sweep down: record it, say it, move on
+        log.exception("run failed")
+        results = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    results["steps"] = trainer.global_step
+    if results["status"] == "completed":
         losses = {split: module.evaluate(*data.splits[split]) for split in ("train", "val", "test")}
         write_scalars(trainer, {"val/loss": losses["val"], "test/loss": losses["test"]}, trainer.global_step)
         results.update({f"final/{split}_loss": float(loss) for split, loss in losses.items()})
+
     hparams = flat(OmegaConf.to_container(cfg, resolve=True)) | flat(data.describe(), "dataset.")
-    logger.log_hyperparams(hparams, metrics={k: v for k, v in results.items() if k.startswith("final/")} or None)
-    logger.finalize("success")
+    hparams["status"] = results["status"]
+    logger.log_hyperparams(hparams, metrics={"final/steps": results["steps"]} | {
+        k: v for k, v in results.items() if k.startswith("final/")})
+    logger.experiment.add_text("status", yaml.safe_dump(results, sort_keys=False), results["steps"])
+    logger.finalize(results["status"])
     (run_dir / "status.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
     log.info("%s", ", ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in results.items()))
     return results
 
 
 def remove_run_dir(run_dir: Path) -> None:
-    """A run that never started leaves nothing behind."""
+    """A run that never started leaves nothing behind: its directory, and its parent if now empty."""
     shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        Path(run_dir).parent.rmdir()  # only succeeds when empty
+    except OSError:
+        pass

@@ -96,7 +96,7 @@ class LanguageModel(L.LightningModule):
         self._losses = self._losses[ends[-1] - first :]
 
     @torch.no_grad()
-    def evaluate(self, x, y, chunk=65536) -> torch.Tensor:
+    def evaluate(self, x, y, chunk=4096) -> torch.Tensor:
         """Mean loss over a whole split, in eval mode (BatchNorm uses its running statistics)."""
         was_training = self.net.training
         self.net.eval()

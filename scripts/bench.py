@@ -1,0 +1,163 @@
+"""Training throughput of actgrad against a hand-written PyTorch loop of the same model.
+
+    python scripts/bench.py                  # 20,000 steps a run, 3 rounds
+    python scripts/bench.py --steps 5000 --rounds 5
+
+Every measurement runs in a fresh process (so peak RSS is its own), one torch thread, on the
+same data. Each round runs every variant once, in turn, so slow spells of a shared machine
+hit all of them alike; the table gives medians over rounds and each variant's ratio against
+the hand-written eager loop *of the same round*. The framework's time is that of
+`trainer.fit` (validation and checkpoints included), the reference's that of its loop.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES_TXT = ROOT.parent / "shared" / "data" / "names.txt"
+
+VARIANTS = {
+    "hand-written eager": ("reference", []),
+    "hand-written compiled": ("reference", ["compile"]),
+    "actgrad callbacks=none": ("actgrad", ["callbacks=none"]),
+    "actgrad default": ("actgrad", []),
+    "actgrad callbacks=full": ("actgrad", ["callbacks=full"]),
+    "actgrad compiled": ("actgrad", ["compile=true"]),
+}
+
+
+def data_path():
+    return str(NAMES_TXT) if NAMES_TXT.is_file() else None
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reference(steps, args, device):
+    """The loop a user writes in a notebook: same model, same init, same batches' shapes."""
+    import torch
+    import torch.nn.functional as F
+
+    from actgrad import init
+    from actgrad.data import NamesData
+    from actgrad.model import MLP
+
+    torch.manual_seed(1337)
+    data = NamesData(path=data_path())
+    data.prepare()
+    x, y = (t.to(device) for t in data.splits["train"])
+    net = MLP(norm=lambda n: torch.nn.BatchNorm1d(n, momentum=0.001)).to(device)
+    init.kaiming(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step(xb, yb):
+        loss = F.cross_entropy(net(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    if "compile" in args:
+        step = torch.compile(step)
+        for _ in range(20):  # compile outside the timed loop
+            ix = torch.randint(0, len(x), (32,), device=device)
+            step(x[ix], y[ix])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for i in range(steps):
+        ix = torch.randint(0, len(x), (32,), device=device)
+        step(x[ix], y[ix])
+    sync()
+    return steps / (time.perf_counter() - start)
+
+
+def framework(steps, overrides, device):
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+
+    from actgrad.experiment import train
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, module):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, module):
+            self.seconds = time.perf_counter() - self.start
+
+    clock = Clock()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false",
+                                           f"trainer.accelerator={device}", *overrides]
+                      + ([f"data.path={data_path()}"] if data_path() else []))
+    with tempfile.TemporaryDirectory() as run_dir:
+        train(cfg, run_dir, extra_callbacks=[clock])
+    return steps / clock.seconds
+
+
+def measure_one(kind, args, steps, device):
+    """Runs in a child process: one measurement, printed as JSON."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    speed = reference(steps, args, device) if kind == "reference" else framework(steps, args, device)
+    print(json.dumps({"steps_per_s": speed, "peak_rss_mb": peak_rss_mb()}))
+
+
+def run_child(name, steps, device):
+    kind, args = VARIANTS[name]
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(steps), "--device", device],
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.child:
+        kind, extra = VARIANTS[args.child]
+        return measure_one(kind, extra, args.steps, args.device)
+
+    names = ["hand-written eager"] + [v for v in args.variants if v != "hand-written eager"]
+    results = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names:
+            results[name].append(run_child(name, args.steps, args.device))
+            print(f"round {r + 1}: {name}: {results[name][-1]['steps_per_s']:.0f} steps/s", file=sys.stderr)
+
+    ref = results["hand-written eager"]
+    print(f"\n{args.steps} steps a run, median of {args.rounds} rounds, device {args.device}, data "
+          f"{'names.txt' if data_path() else 'census fallback'}\n")
+    print("| variant | steps/s | ratio vs hand-written eager | peak RSS (MB) | RSS ratio |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        speed = statistics.median(m["steps_per_s"] for m in results[name])
+        ratio = statistics.median(m["steps_per_s"] / r["steps_per_s"] for m, r in zip(results[name], ref))
+        rss = statistics.median(m["peak_rss_mb"] for m in results[name])
+        rss_ratio = statistics.median(m["peak_rss_mb"] / r["peak_rss_mb"] for m, r in zip(results[name], ref))
+        print(f"| {name} | {speed:,.0f} | {ratio:.2f} | {rss:.0f} | {rss_ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
