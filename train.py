@@ -41,6 +41,8 @@ def main(cfg):
         (run_dir / "status.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
     if results["status"] == "failed" and not sweeping:
         sys.exit(1)
+    if cfg.objective:  # a search minimises this; a run that diverged or failed is the worst trial
+        return results.get(cfg.objective, float("inf"))
     return results
 
 

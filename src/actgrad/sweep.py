@@ -22,20 +22,18 @@ log = logging.getLogger(__name__)
 
 def swept_overrides() -> str:
     """A job's name: the overrides that vary across its sweep, in command-line order
-    (`init=kaiming,norm=batchnorm`), without those every job shares. Hydra's override_dirname
-    when there is no sweep list to compare with (e.g. an Optuna sweep)."""
+    (`init=kaiming,norm=batchnorm`), without those every job shares."""
     hydra = HydraConfig.get()
-    fallback = hydra.job.override_dirname or "run"
-    sweep_file = Path(hydra.sweep.dir) / "multirun.yaml"  # the sweep's command line, saved by the sweeper
-    if not sweep_file.is_file():
-        return fallback
     parser = OverridesParser.create()
-    sweep = parser.parse_overrides(list(OmegaConf.load(sweep_file).hydra.overrides.task))
-    varying = [o.get_key_element() for o in sweep if o.is_sweep_override()]
+    varying = list(hydra.sweeper.get("params") or {})  # a search (Optuna) declares what it varies
+    sweep_file = Path(hydra.sweep.dir) / "multirun.yaml"  # a grid sweep's command line, saved by the sweeper
+    if sweep_file.is_file():
+        sweep = parser.parse_overrides(list(OmegaConf.load(sweep_file).hydra.overrides.task))
+        varying += [o.get_key_element() for o in sweep if o.is_sweep_override()]
     job = {o.get_key_element(): line for o, line in
            zip(parser.parse_overrides(list(hydra.overrides.task)), hydra.overrides.task)}
     name = ",".join(job[key] for key in varying if key in job).replace("/", "_")
-    return name or fallback
+    return name or hydra.job.override_dirname or "run"
 
 
 def fresh_dir(path: str) -> str:

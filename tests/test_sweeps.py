@@ -1,0 +1,116 @@
+import collections
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from actgrad import sweep
+from actgrad.sweep import assign_gpu, fresh_dir, parallel_jobs, read_statuses
+
+from conftest import ROOT, TINY
+from test_train import run_cli, scalars
+
+
+@pytest.mark.parametrize("gpus", [1, 4, 8])
+@pytest.mark.parametrize("jobs_per_gpu", [1, 2, 4])
+def test_jobs_running_together_spread_evenly_over_the_gpus(gpus, jobs_per_gpu):
+    n_jobs = gpus * jobs_per_gpu  # what parallel_jobs gives the launcher
+    for first in range(0, 3 * n_jobs):  # any window of jobs running at one time
+        load = collections.Counter(assign_gpu(j, gpus, jobs_per_gpu) for j in range(first, first + n_jobs))
+        assert load == {gpu: jobs_per_gpu for gpu in range(gpus)}
+
+
+def test_no_gpu_means_no_assignment_and_bad_share_is_refused():
+    assert [assign_gpu(j, 0) for j in range(4)] == [None] * 4
+    with pytest.raises(ValueError, match="jobs_per_gpu=0"):
+        assign_gpu(0, 4, 0)
+
+
+def test_parallel_jobs_fills_the_cores_or_the_gpus(monkeypatch):
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(sweep, "gpu_count", lambda: 0)
+    assert parallel_jobs(1, 1) == 8 and parallel_jobs(2, 1) == 4 and parallel_jobs(16, 1) == 1
+    monkeypatch.setattr(sweep, "gpu_count", lambda: 4)
+    assert parallel_jobs(1, 1) == 4 and parallel_jobs(1, 3) == 12
+
+
+def test_fresh_dir_never_hands_out_a_directory_twice(tmp_path):
+    dirs = [fresh_dir(str(tmp_path / "2026-11-23_12-00-00")) for _ in range(3)]
+    assert len(set(dirs)) == 3 and all((tmp_path / d).is_dir() for d in dirs)
+
+
+def compose_with_hydra(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_default_launcher_runs_jobs_in_parallel():
+    cfg = compose_with_hydra()
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs >= 1
+
+
+def test_slurm_launcher_config_composes():
+    cfg = compose_with_hydra("hydra/launcher=slurm", "hydra.launcher.partition=gpu")
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_optuna_search_config_composes():
+    cfg = compose_with_hydra("search=lr_gain")
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "init.gain"}
+    assert cfg.objective == "final/val_loss" and cfg.hydra.sweeper.direction == "minimize"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["local", "parallel"])
+def test_real_multirun_with_each_launcher(launcher, small_names, tmp_path):
+    proc = run_cli("-m", "init=naive,scaled,kaiming", "norm=none,batchnorm", *TINY, f"data.path={small_names}",
+                   f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    statuses = read_statuses(tmp_path)
+    assert sorted(statuses) == sorted(f"init={i},norm={n}" for i in ("naive", "scaled", "kaiming")
+                                      for n in ("none", "batchnorm"))
+    assert all(s["status"] == "completed" for s in statuses.values())
+    assert "6 completed, 0 diverged, 0 failed" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_a_diverging_job_does_not_take_the_sweep_down(small_names, tmp_path):
+    proc = run_cli("-m", "optimizer.lr=0.1,1e30", *TINY, f"data.path={small_names}", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # divergence is a result, not a failure
+    statuses = read_statuses(tmp_path)
+    assert statuses["optimizer.lr=0.1"]["status"] == "completed"
+    assert statuses["optimizer.lr=1e+30"]["status"] == "diverged"
+    assert statuses["optimizer.lr=1e+30"]["steps"] <= 20  # stopped within a log interval or two
+    assert "1 completed, 1 diverged, 0 failed" in proc.stderr + proc.stdout
+    logged = scalars(tmp_path / "optimizer.lr=1e+30")
+    assert "final/steps" in logged
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_recorded_and_fails_the_sweep_at_the_end(small_names, tmp_path):
+    proc = run_cli("-m", "model.n_hidden=0,20", *TINY, f"data.path={small_names}", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode != 0
+    statuses = read_statuses(tmp_path)
+    assert statuses["model.n_hidden=20"]["status"] == "completed"  # the other job still ran
+    failed = statuses["model.n_hidden=0"]
+    assert failed["status"] == "failed" and "model.n_hidden=0" in failed["error"]
+    assert sorted(p.name for p in (tmp_path / "model.n_hidden=0").iterdir()) == ["status.yaml"]
+    assert "1 completed, 0 diverged, 1 failed" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_write_to_distinct_directories(small_names, tmp_path):
+    args = [sys.executable, str(ROOT / "train.py"), "-m", "init=naive,kaiming", *TINY, "hydra/launcher=local",
+            f"data.path={small_names}", f"hydra.sweep.dir=${{fresh_dir:{tmp_path}/sweep}}"]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    for p in procs:
+        p.communicate(timeout=300)
+        assert p.returncode == 0
+    sweeps = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("sweep"))
+    assert sweeps == ["sweep", "sweep-2"]
+    for name in sweeps:
+        assert len(read_statuses(tmp_path / name)) == 2
