@@ -1,4 +1,5 @@
 import collections
+import math
 import subprocess
 import sys
 
@@ -79,7 +80,9 @@ def test_real_multirun_with_each_launcher(launcher, small_names, tmp_path):
 
 @pytest.mark.slow
 def test_a_diverging_job_does_not_take_the_sweep_down(small_names, tmp_path):
-    proc = run_cli("-m", "optimizer.lr=0.1,1e30", *TINY, f"data.path={small_names}", f"hydra.sweep.dir={tmp_path}")
+    with_diagnostics = [o for o in TINY if not o.startswith("callbacks=")]
+    proc = run_cli("-m", "optimizer.lr=0.1,1e30", *with_diagnostics, f"data.path={small_names}",
+                   f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]  # divergence is a result, not a failure
     statuses = read_statuses(tmp_path)
     assert statuses["optimizer.lr=0.1"]["status"] == "completed"
@@ -88,6 +91,21 @@ def test_a_diverging_job_does_not_take_the_sweep_down(small_names, tmp_path):
     assert "1 completed, 1 diverged, 0 failed" in proc.stderr + proc.stdout
     logged = scalars(tmp_path / "optimizer.lr=1e+30")
     assert "final/steps" in logged
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from report import report
+
+    rows = {row["run"]: row for row in report(tmp_path)}
+    assert rows["optimizer.lr=1e+30"]["status"] == "diverged"
+    good = rows["optimizer.lr=0.1"]
+    assert good["status"] == "completed"
+    assert good["val loss"] == pytest.approx(statuses["optimizer.lr=0.1"]["final/val_loss"], rel=1e-6)
+    assert good["ln(V)"] == pytest.approx(math.log(27), rel=1e-6)
+    assert 0 <= good["peak saturation"] <= 1
+    assert "layer1.weight:" in good["final update ratio (log10, weights)"]
+    for name in ("report.md", "report.csv", "loss_curves.png", "saturation.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| optimizer.lr=1e+30 | diverged |" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.slow
