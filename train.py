@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from actgrad.experiment import ConfigError, check_choices, remove_run_dir, train
+from actgrad.experiment import ConfigError, check_choices, check_writable, remove_run_dir, train
 from actgrad.sweep import assign_gpu, gpu_count
 
 log = logging.getLogger("actgrad")
@@ -49,6 +49,7 @@ def main(cfg):
 if __name__ == "__main__":
     try:
         check_choices(sys.argv[1:], Path(__file__).parent / "conf")
+        check_writable(sys.argv[1:])
     except ConfigError as e:
         sys.exit(f"error: {e}")
     main()

@@ -157,7 +157,7 @@ class RandomBatches:
         return torch.randint(0, len(self.x), (self.batch_size,), generator=self.generator)
 
     def __len__(self):
-        return -(-self.max_steps // self.steps_per_batch)
+        return -(-(self.max_steps - self.first_step()) // self.steps_per_batch)
 
     def __iter__(self):
         start = self.first_step()

@@ -3,6 +3,7 @@
 import logging
 import math
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from actgrad import sweep  # noqa: F401  (registers the resolvers conf/config.yaml uses)
+from actgrad.checkpoint import AtomicCheckpointIO, check_compatible, resume_path
 from actgrad.diagnostic import write_scalars
 from actgrad.module import Diverged, LanguageModel
 
@@ -68,6 +70,21 @@ def check_choices(args: list[str], conf_dir: Path) -> None:
                 raise ConfigError(f"{group}={value}: unknown {group}; accepted: {', '.join(accepted)}")
 
 
+def check_writable(args: list[str], default: str = "outputs") -> None:
+    """Fail before Hydra does, in one line, when the run or sweep directory cannot be written."""
+    dirs = {a.partition("=")[0]: a.partition("=")[2] for a in args if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))}
+    for key, path in (dirs or {"output directory": default}).items():
+        if "${" in path:
+            continue  # an interpolation: Hydra resolves it
+        existing = Path(path).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        try:
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as e:
+            raise ConfigError(f"{key}={path}: cannot write there ({e.strerror or e}); give a writable directory") from None
+
+
 def explain(error: Exception) -> str | None:
     """The one-line message of an error caused by bad settings or data, else None."""
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
@@ -119,10 +136,12 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
         check_config(cfg)
         data, module = build(cfg)
         callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-        callbacks.append(instantiate(cfg.checkpoint, dirpath=str(run_dir / "checkpoints")))
+        callbacks += [instantiate(c, dirpath=str(run_dir / "checkpoints")) for c in cfg.checkpoints.values()]
         callbacks.extend(extra_callbacks)
-        trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks,
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                               val_check_interval=cfg.val_every_n_steps // cfg.steps_per_batch)
+        ckpt_path = resume_path(cfg.ckpt_path, run_dir)
+        resume_step = check_compatible(ckpt_path, module) if ckpt_path else 0
     except Exception as e:
         message = explain(e)
         if message is None:
@@ -131,13 +150,17 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data.steps_per_batch, data.max_steps, data.seed = cfg.steps_per_batch, cfg.trainer.max_steps, cfg.seed
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    # purge_step: TensorBoard hides what a killed attempt logged after the checkpoint we resume from
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False,
+                               purge_step=resume_step + 1 if resume_step else None)
     trainer.loggers = [logger]
+    if ckpt_path:
+        log.info("resuming from %s (step %d)", ckpt_path, resume_step)
 
     log.info("training %s steps on %s into %s", cfg.trainer.max_steps, trainer.strategy.root_device, run_dir)
     results = {"status": "completed"}
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except Diverged as e:  # a result, not a crash: the sweep goes on and reports it
         log.error("%s", e)
         results = {"status": "diverged", "error": str(e)}

@@ -1,0 +1,177 @@
+"""Whatever happens to one run, the rest is there in the morning and a rerun picks up."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from actgrad.checkpoint import AtomicCheckpointIO
+from actgrad.experiment import ConfigError, train
+
+from conftest import ROOT, TINY, make_config
+from test_train import run_cli, scalars
+
+LONG = ["trainer.max_steps=30000", "steps_per_batch=100", "log_every_n_steps=100", "val_every_n_steps=1000",
+        "trainer.enable_progress_bar=false", "callbacks=none", "model.n_hidden=50"]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_result(small_names, tmp_path):
+    args = [*LONG, f"data.path={small_names}"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_cli(*args, f"hydra.run.dir={full}").returncode == 0
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={killed}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # let it train past the checkpoint, and log steps the resume must not duplicate
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists() and not (killed / "status.yaml").exists(), "the run ended before it could be killed"
+    killed_at = torch.load(last, weights_only=False)["global_step"]
+    assert 0 < killed_at < 30000
+
+    resumed = run_cli(*args, f"hydra.run.dir={killed}")  # the same command again
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {last}" in resumed.stderr + resumed.stdout
+
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(last, weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_loss, resumed_loss = scalars(full)["train/loss"], scalars(killed)["train/loss"]
+    steps = [s for s, _ in resumed_loss]
+    assert steps == list(range(100, 30001, 100))  # none missing, none twice
+    assert resumed_loss == full_loss
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    # a child process that dies (SIGKILL) in the middle of writing the next checkpoint
+    child = f"""
+import os, signal, torch
+from actgrad.checkpoint import AtomicCheckpointIO
+def dying_save(obj, f):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+AtomicCheckpointIO().save_checkpoint({{"global_step": 2}}, {str(path)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["w"], torch.ones(3))
+
+
+def test_divergence_stops_the_run_with_a_clear_status_and_histograms_survive(small_names, tmp_path):
+    cfg = make_config(*[o for o in TINY if not o.startswith("callbacks=")], "callbacks=full", "trainer.max_steps=200",
+                      "optimizer.lr=1e30", f"data.path={small_names}")
+    results = train(cfg, tmp_path)
+    assert results["status"] == "diverged" and results["steps"] <= 20
+    assert "diverged" in results["error"] and "nan" in results["error"].lower()
+    assert yaml.safe_load((tmp_path / "status.yaml").read_text())["status"] == "diverged"
+
+
+def bad_input(tmp_path, *overrides):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        train(make_config(*TINY, *overrides), run_dir)
+    message = str(err.value)
+    assert "\n" not in message and not run_dir.exists()
+    return message
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("optimizer.lr=0", "optimizer.lr=0: must be a number > 0"),
+        ("optimizer.lr=-1", "optimizer.lr=-1: must be a number > 0"),
+        ("optimizer.lr=fast", "optimizer.lr='fast': must be a number > 0"),
+        ("model.n_hidden=abc", "model.n_hidden='abc': must be a positive whole number"),
+        ("model.n_hidden=0", "model.n_hidden=0: must be a positive whole number"),
+        ("model.n_layers=-2", "model.n_layers=-2: must be a positive whole number"),
+        ("data.batch_size=0", "data.batch_size=0: must be a positive whole number"),
+        ("data.block_size=-1", "data.block_size=-1: must be a positive whole number"),
+        ("trainer.max_steps=0", "trainer.max_steps=0: must be a number > 0"),
+        ("model.activation=swish", "model.activation='swish': accepted values are tanh"),
+    ],
+)
+def test_bad_settings_are_one_line_and_leave_nothing(override, says, small_names, tmp_path):
+    assert says in bad_input(tmp_path, override, f"data.path={small_names}")
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [(b"", "has 0 names"), (b"\x00\x01binary\x00", "binary"), (b"anna\nZo\xc3\xab\n" * 10, "accepted characters are a-z"),
+     (b"anna\n", "has 1 names")],
+)
+def test_bad_data_files_are_one_line_and_leave_nothing(content, says, tmp_path):
+    path = tmp_path / "names.txt"
+    path.write_bytes(content)
+    message = bad_input(tmp_path, f"data.path={path}")
+    assert says in message and str(path) in message
+
+
+def test_missing_or_unreadable_data_path(tmp_path, monkeypatch):
+    assert "no such file" in bad_input(tmp_path, f"data.path={tmp_path / 'nope.txt'}")
+    unreadable = tmp_path / "secret.txt"
+    unreadable.write_text("anna\n" * 20)
+    real_read_bytes = type(unreadable).read_bytes
+
+    def denied(self):  # root reads any file, so deny it the way the OS would for another user
+        if self == unreadable:
+            raise PermissionError(13, "Permission denied")
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(type(unreadable), "read_bytes", denied)
+    assert "cannot read" in bad_input(tmp_path, f"data.path={unreadable}")
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused(small_names, tmp_path):
+    train(make_config(*TINY, f"data.path={small_names}", "model.n_hidden=20"), tmp_path / "small")
+    ckpt = tmp_path / "small" / "checkpoints" / "last.ckpt"
+    message = bad_input(tmp_path, f"data.path={small_names}", "model.n_hidden=30", f"ckpt_path={ckpt}")
+    assert f"ckpt_path={ckpt}: is of another model" in message and "(20, 30)" in message and "(30, 30)" in message
+    assert "no such checkpoint" in bad_input(tmp_path, f"data.path={small_names}", f"ckpt_path={tmp_path}/x.ckpt")
+
+
+@pytest.mark.slow
+def test_unknown_group_and_unwritable_output_fail_in_one_line(tmp_path):
+    for args, says in [(["init=foo"], "init=foo: unknown init; accepted: kaiming, naive"),
+                       (["hydra.run.dir=/proc/actgrad/run"], "hydra.run.dir=/proc/actgrad/run: cannot write there")]:
+        proc = run_cli(*args)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"] and says in proc.stderr
+
+
+@pytest.mark.slow
+def test_same_seed_same_curve_across_processes_other_seed_differs(small_names, tmp_path):
+    curves = {}
+    for name, seed in [("a", 7), ("b", 7), ("c", 8)]:
+        assert run_cli(*TINY, f"seed={seed}", f"data.path={small_names}", f"hydra.run.dir={tmp_path / name}").returncode == 0
+        curves[name] = scalars(tmp_path / name)["train/loss"]
+    assert curves["a"] == curves["b"]  # bit-identical floats
+    assert curves["a"] != curves["c"]
+
+
+def test_event_files_grow_linearly_with_logged_points(small_names, tmp_path):
+    def size(steps):
+        run_dir = tmp_path / str(steps)
+        cfg = make_config(*[o for o in TINY if not o.startswith("callbacks=")], f"trainer.max_steps={steps}",
+                          f"data.path={small_names}", "callbacks=full")
+        train(cfg, run_dir)
+        return sum(p.stat().st_size for p in run_dir.glob("events.out.tfevents.*"))
+
+    s100, s200, s400 = size(100), size(200), size(400)
+    growth = (s400 - s200) / (s200 - s100)  # twice the steps logged, twice the bytes
+    assert 1.6 < growth < 2.4, (s100, s200, s400)
