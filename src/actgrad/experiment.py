@@ -170,7 +170,10 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
     results["steps"] = trainer.global_step
     if results["status"] == "completed":
         losses = {split: module.evaluate(*data.splits[split]) for split in ("train", "val", "test")}
-        write_scalars(trainer, {"val/loss": losses["val"], "test/loss": losses["test"]}, trainer.global_step)
+        end = {"test/loss": losses["test"]}
+        if trainer.global_step % cfg.val_every_n_steps:  # the loop validated at every multiple already
+            end["val/loss"] = losses["val"]
+        write_scalars(trainer, end, trainer.global_step)
         results.update({f"final/{split}_loss": float(loss) for split, loss in losses.items()})
 
     hparams = flat(OmegaConf.to_container(cfg, resolve=True)) | flat(data.describe(), "dataset.")

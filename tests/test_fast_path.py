@@ -1,0 +1,81 @@
+"""Many optimizer steps per Lightning batch is the same training as one step per batch, and as a
+hand-written loop: same batches, same number of steps, same parameters, same logged steps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actgrad.data import RandomBatches
+from actgrad.experiment import build, train
+
+from conftest import make_config
+from test_train import scalars
+
+BASE = ["log_every_n_steps=60", "val_every_n_steps=60", "trainer.max_steps=180", "trainer.enable_progress_bar=false",
+        "callbacks=none"]
+
+
+def final_params(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def assert_same_params(a, b, rtol=0.0, atol=0.0):
+    """Bit-identical unless a tolerance is given."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("norm", ["none", "batchnorm"])
+def test_steps_per_batch_does_not_change_the_training(norm, small_names, tmp_path):
+    runs = {}
+    for k in (1, 20, 60):
+        run_dir = tmp_path / f"k{k}"
+        results = train(make_config(*BASE, f"steps_per_batch={k}", f"norm={norm}", f"data.path={small_names}"), run_dir)
+        assert results["steps"] == 180
+        runs[k] = (final_params(run_dir), scalars(run_dir))
+    for k in (20, 60):
+        assert_same_params(runs[1][0], runs[k][0])
+        assert runs[k][1]["train/loss"] == runs[1][1]["train/loss"]  # same steps, same values
+        assert [s for s, _ in runs[k][1]["val/loss"]] == [60, 120, 180]
+
+
+def test_framework_equals_a_hand_written_loop(small_names, tmp_path):
+    cfg = make_config(*BASE, "steps_per_batch=20", f"data.path={small_names}")
+    train(cfg, tmp_path)
+
+    data, module = build(cfg)  # same seed: same initial weights
+    net = module.net
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [90], gamma=0.1)
+    batches = RandomBatches(*data.splits["train"], 32, 1, 180, cfg.seed)
+    for step in range(180):
+        ix = batches.indices(step)
+        x, y = data.splits["train"][0][ix], data.splits["train"][1][ix]
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    ours = final_params(tmp_path)
+    for name, tensor in net.state_dict().items():
+        torch.testing.assert_close(ours[f"net.{name}"], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_resuming_at_a_step_inside_a_chunk(small_names, tmp_path):
+    constant = [*BASE, "scheduler=constant", f"data.path={small_names}"]
+    train(make_config(*constant, "steps_per_batch=60"), tmp_path / "whole")
+    # stop at step 30, then resume with chunks of 60 that now start mid-way: 30-90, 90-150, 150-180
+    train(make_config(*constant, "steps_per_batch=30", "val_every_n_steps=30", "log_every_n_steps=30",
+                      "trainer.max_steps=30"), tmp_path / "split")
+    results = train(make_config(*constant, "steps_per_batch=60"), tmp_path / "split")
+    assert results["steps"] == 180
+    assert_same_params(final_params(tmp_path / "whole"), final_params(tmp_path / "split"))
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_the_same_within_float_tolerance(small_names, tmp_path):
+    base = [*BASE, "steps_per_batch=60", "trainer.max_steps=60", "scheduler=constant", f"data.path={small_names}"]
+    train(make_config(*base), tmp_path / "eager")
+    train(make_config(*base, "compile=true"), tmp_path / "compiled")
+    assert_same_params(final_params(tmp_path / "eager"), final_params(tmp_path / "compiled"), rtol=1e-4, atol=1e-5)
