@@ -1,0 +1,60 @@
+"""Activation statistics per hidden layer: is any layer saturated, or dead?
+
+The lecture's first diagnostic: with a naive init most tanh outputs sit at +-1, where
+tanh is flat and passes almost no gradient back.
+"""
+
+import torch
+import torch.nn as nn
+
+from actgrad.diagnostic import Diagnostic
+
+
+def saturated(layer, threshold: float = 0.97) -> torch.Tensor:
+    """Where the layer's nonlinearity is flat, so it passes almost no gradient back (a bool per unit and example).
+
+    For tanh this is the lecture's |t| > threshold. Any other nonlinearity gets the same test on
+    its slope, |f'(x)| < 1 - threshold**2 (as tanh'(x) = 1 - t**2): for ReLU that is x <= 0.
+    """
+    if isinstance(layer.act, nn.Tanh):
+        return layer.out.abs() > threshold
+    with torch.enable_grad():
+        x = layer.pre.detach().requires_grad_()
+        (slope,) = torch.autograd.grad(layer.act.forward(x).sum(), x)  # .forward: no hooks, so no re-capture
+    return slope.abs() < 1 - threshold**2
+
+
+class Activations(Diagnostic):
+    """act/{mean,std,saturation,dead}/layerN and preact/{mean,std}/layerN.
+
+    saturation: share of (example, unit) pairs where the nonlinearity is flat (|t| > threshold for tanh);
+    dead: share of units saturated for every example of the batch (for ReLU: zero for all of them).
+    """
+
+    captures_layers = True
+
+    def __init__(self, every_n_steps: int = 1000, threshold: float = 0.97):
+        super().__init__(every_n_steps)
+        self.threshold = threshold
+        self.charts = {
+            f"act/saturation: share of units in the flat part of the nonlinearity (tanh: |t| > {threshold})": ["act/saturation/.*"],
+            "act/dead: share of units saturated for the whole batch (ReLU: zero for every example)": ["act/dead/.*"],
+            "act/mean": ["act/mean/.*"],
+            "act/std": ["act/std/.*"],
+            "preact/mean: the nonlinearity's input": ["preact/mean/.*"],
+            "preact/std": ["preact/std/.*"],
+        }
+
+    def on_after_backward(self, trainer, module, step):
+        stats = {}
+        for name, layer in self.layers.items():
+            flat = saturated(layer, self.threshold)
+            stats |= {
+                f"act/mean/{name}": layer.out.mean(),
+                f"act/std/{name}": layer.out.std(),
+                f"act/saturation/{name}": flat.float().mean(),
+                f"act/dead/{name}": flat.all(0).float().mean(),
+                f"preact/mean/{name}": layer.pre.mean(),
+                f"preact/std/{name}": layer.pre.std(),
+            }
+        self.log_scalars(trainer, stats, step)

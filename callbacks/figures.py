@@ -1,0 +1,84 @@
+"""The lecture's distribution plots: every layer's distribution overlaid in one image (IMAGES tab).
+
+figures/act (each hidden layer's output), figures/act_grad (the gradient at each layer's
+output) and figures/param_grad (each weight's gradient), with each line's statistics in the
+legend, as in the lecture. Drawing an image costs ~0.1 s, some 200 training steps, so the
+tensors are kept (on the device) at every watched step and the images are drawn when
+training ends or stops on an error, each at the step its data came from.
+"""
+
+import torch
+
+from actgrad.diagnostic import Diagnostic, named_params
+from callbacks.activations import saturated
+
+FIGURES = {  # tag: (title, x axis, legend statistics)
+    "figures/act": ("activation distribution", "layer output", "mean {:+.2f}, std {:.2f}, saturated {:.1%}"),
+    "figures/act_grad": ("gradient distribution", "d loss / d layer output", "mean {:+.2e}, std {:.2e}"),
+    "figures/param_grad": ("weight gradient distribution", "d loss / d weight", "mean {:+.2e}, std {:.2e}, grad:data {:.2e}"),
+}
+
+
+def overlay(title: str, xlabel: str, curves: dict):
+    """One density-histogram line per {legend label: tensor}, as the lecture draws them."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no window
+
+    figure = Figure(figsize=(9, 3.5), dpi=72, layout="tight")
+    ax = figure.add_subplot()
+    for label, values in curves.items():
+        values = values.detach().float().flatten().cpu()
+        values = values[torch.isfinite(values)]
+        if values.numel():
+            density, edges = torch.histogram(values, bins=50, density=True)
+            ax.plot(((edges[:-1] + edges[1:]) / 2).numpy(), density.numpy(), label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel="density")
+    ax.legend(fontsize="small")
+    return figure
+
+
+class DistributionFigures(Diagnostic):
+    captures_layers = True
+
+    def __init__(self, every_n_steps: int = 50000, threshold: float = 0.97, weights_only: bool = True):
+        super().__init__(every_n_steps)
+        self.threshold, self.weights_only = threshold, weights_only
+        self.pending = []  # (step, {tag: {label: (tensor, [statistics as 0-d tensors])}}) not drawn yet
+
+    def on_after_backward(self, trainer, module, step):
+        curves = {tag: {} for tag in FIGURES}
+        for name, layer in self.layers.items():
+            out, grad = layer.out, layer.grad
+            sat = saturated(layer, self.threshold).float().mean()
+            curves["figures/act"][f"{name} ({type(layer.act).__name__})"] = (out, [out.mean(), out.std(), sat])
+            if grad is not None:
+                curves["figures/act_grad"][name] = (grad, [grad.mean(), grad.std()])
+        for name, p in named_params(module.net, self.weights_only).items():
+            if p.grad is not None:
+                g = p.grad.detach().clone()  # .grad may be reused in place by the next steps
+                curves["figures/param_grad"][f"{name} {tuple(p.shape)}"] = (g, [g.mean(), g.std(), g.std() / p.detach().std()])
+        self.pending.append((step, curves))
+
+    def on_fit_end(self, trainer, pl_module):
+        self.draw(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.draw(trainer)  # a run that diverged is the one whose figures matter
+        super().on_exception(trainer, pl_module, exception)
+
+    def draw(self, trainer):
+        stats = [[s for _, s in lines.values()] for _, curves in self.pending for lines in curves.values()]
+        stats = iter(to_host(stats))  # every legend of every pending figure in one transfer
+        for step, curves in self.pending:
+            for tag, lines in curves.items():
+                title, xlabel, legend = FIGURES[tag]
+                labels = [f"{label}: {legend.format(*values)}" for label, values in zip(lines, next(stats))]
+                figure = overlay(f"{title}, step {step}", xlabel, dict(zip(labels, (t for t, _ in lines.values()))))
+                self.log_figure(trainer, tag, figure, step)
+        self.pending = []
+
+
+def to_host(groups: list) -> list:
+    """Groups of rows of 0-d tensors -> the same of floats, in one device-to-host transfer."""
+    leaves = [t.float() for rows in groups for row in rows for t in row]
+    flat = iter(torch.stack(leaves).tolist() if leaves else [])
+    return [[[next(flat) for _ in row] for row in rows] for rows in groups]

@@ -1,0 +1,30 @@
+"""Parameter gradients against the parameters themselves: which layer would learn too fast?"""
+
+from actgrad.diagnostic import Diagnostic, named_params
+
+
+class ParamGrads(Diagnostic):
+    """param_grad/{mean,std,data_ratio}/<param>, e.g. param_grad/data_ratio/layer1.weight.
+
+    data_ratio = std(grad) / std(param): a step of lr * grad changes a parameter with a large
+    ratio much more, relative to its size, than the others.
+    """
+
+    charts = {
+        "param_grad/data_ratio: std(grad) / std(param)": ["param_grad/data_ratio/.*"],
+        "param_grad/std": ["param_grad/std/.*"],
+        "param_grad/mean": ["param_grad/mean/.*"],
+    }
+
+    def __init__(self, every_n_steps: int = 1000, weights_only: bool = True):
+        super().__init__(every_n_steps)
+        self.weights_only = weights_only  # the lecture looks at the weight matrices only
+
+    def on_after_backward(self, trainer, module, step):
+        stats = {}
+        for name, p in named_params(module.net, self.weights_only).items():
+            if p.grad is not None:
+                grad_std = p.grad.std()
+                stats |= {f"param_grad/mean/{name}": p.grad.mean(), f"param_grad/std/{name}": grad_std,
+                          f"param_grad/data_ratio/{name}": grad_std / p.detach().std()}
+        self.log_scalars(trainer, stats, step)

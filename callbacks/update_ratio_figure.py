@@ -1,0 +1,48 @@
+"""The lecture's last plot: each weight's update-to-data ratio over training, with the -3 guide.
+
+figures/update_ratio (IMAGES tab). The ratios are recorded every `every_n_steps` steps (cheap,
+kept on the device) and drawn once, when training ends or stops on an error.
+"""
+
+import torch
+
+from actgrad.diagnostic import Diagnostic, named_params
+from callbacks.update_ratio import GUIDE, snapshot, update_ratios
+
+
+class UpdateRatioFigure(Diagnostic):
+    def __init__(self, every_n_steps: int = 100, weights_only: bool = True):
+        super().__init__(every_n_steps)
+        self.weights_only = weights_only
+        self.before, self.names, self.steps, self.history = None, [], [], []
+
+    def on_after_backward(self, trainer, module, step):
+        self.before = snapshot(named_params(module.net, self.weights_only))
+
+    def on_step_end(self, trainer, module, step):
+        ratios = update_ratios(self.before, named_params(module.net, self.weights_only))
+        self.before, self.names = None, list(ratios)
+        self.steps.append(step)
+        self.history.append(torch.stack(list(ratios.values())))
+
+    def on_fit_end(self, trainer, pl_module):
+        self.draw(trainer, trainer.global_step)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.draw(trainer, trainer.global_step)
+        super().on_exception(trainer, pl_module, exception)
+
+    def draw(self, trainer, step):
+        if len(self.steps) < 2:
+            return  # one point is no line
+        from matplotlib.figure import Figure
+
+        ratios = torch.stack(self.history).cpu()  # the whole history in one transfer
+        figure = Figure(figsize=(9, 3.5), dpi=72, layout="tight")
+        ax = figure.add_subplot()
+        for i, name in enumerate(self.names):
+            ax.plot(self.steps, ratios[:, i].numpy(), label=name)
+        ax.axhline(GUIDE, color="k", linestyle="--", label=f"guide: {GUIDE:g}")
+        ax.set(title="update-to-data ratio: log10(std(update) / std(param))", xlabel="step", ylabel="log10 ratio")
+        ax.legend(fontsize="small")
+        self.log_figure(trainer, "figures/update_ratio", figure, step)

@@ -1,0 +1,538 @@
+"""Each diagnostic against an independent computation on the same tensors.
+
+The expected values come from the MLP written out by hand from a snapshot of its parameters
+(`manual_forward`) and from parameter snapshots taken around each optimizer step; the
+diagnostics are driven through the step protocol of actgrad.module (see `run_steps`).
+"""
+
+import functools
+import logging
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from actgrad import init
+from actgrad.diagnostic import Diagnostic, LayerCapture
+from actgrad.model import MLP
+from callbacks.activation_grads import ActivationGrads
+from callbacks.activations import Activations
+from callbacks.figures import DistributionFigures
+from callbacks.histograms import Histograms
+from callbacks.initial_loss import InitialLoss
+from callbacks.never_fired import NeverFired
+from callbacks.param_grads import ParamGrads
+from callbacks.update_ratio import UpdateRatio
+from callbacks.update_ratio_figure import UpdateRatioFigure
+
+torch.set_num_threads(1)  # tiny models; the machine's other core may be busy
+NAMES = Path(__file__).resolve().parents[2] / "shared/data/names.txt"
+ALL_SIZES = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0, "compressedHistograms": 0, "audio": 0}
+
+MODELS = [
+    pytest.param(n_layers, norm, activation, id=f"{n_layers}layer-{'bn' if norm else 'nonorm'}-{activation}")
+    for n_layers in (1, 5) for norm in (False, True) for activation in ("tanh", "relu")
+]
+
+
+# ---------------------------------------------------------------- harness
+
+
+class Recorder:
+    """A logger that keeps every scalar: {tag: {step: value}}."""
+
+    def __init__(self):
+        self.scalars = {}
+
+    def log_metrics(self, metrics, step):
+        for tag, value in metrics.items():
+            self.scalars.setdefault(tag, {})[step] = value
+
+
+def make_net(n_layers, norm, activation, seed=0, n_hidden=16, rule=init.naive):
+    torch.manual_seed(seed)
+    net = MLP(n_embd=4, n_hidden=n_hidden, n_layers=n_layers, activation=activation,
+              norm=nn.BatchNorm1d if norm else None)
+    rule(net)
+    return net
+
+
+def make_trainer(diagnostics, tmp_path=None, datamodule=None):
+    loggers = [Recorder()]
+    if tmp_path is not None:
+        loggers.append(TensorBoardLogger(save_dir=str(tmp_path), name="", version=""))
+    return SimpleNamespace(loggers=loggers, callbacks=list(diagnostics), global_step=0, datamodule=datamodule)
+
+
+def run_steps(net, diagnostics, trainer, n_steps, optimizer=None, scheduler=None, batch_size=32, seed=0):
+    """What LanguageModel.training_step does, step by step; returns what each step saw:
+    {step: (state before, x, y, state after)}."""
+    module = SimpleNamespace(net=net, device=torch.device("cpu"))
+    optimizer = optimizer or torch.optim.SGD(net.parameters(), lr=0.1)
+    for d in diagnostics:
+        d.setup(trainer, module, "fit")
+    g = torch.Generator().manual_seed(seed)
+    seen = {}
+    for step in range(n_steps):
+        x = torch.randint(0, 27, (batch_size, 3), generator=g)
+        y = torch.randint(0, 27, (batch_size,), generator=g)
+        before = snapshot(net)
+        watching = [d for d in diagnostics if d.wants(step)]
+        for d in watching:
+            d.active = True
+            d.on_step_start(trainer, module, step)
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for d in watching:
+            d.on_after_backward(trainer, module, step)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        for d in watching:
+            d.on_step_end(trainer, module, step)
+            d.active = False
+        seen[step] = (before, x, y, snapshot(net))
+    trainer.global_step = n_steps
+    return seen
+
+
+def finish(diagnostics, trainer, net):
+    module = SimpleNamespace(net=net)
+    for d in diagnostics:
+        d.teardown(trainer, module, "fit")
+    for logger in trainer.loggers[1:]:
+        logger.experiment.flush()
+
+
+def snapshot(net):
+    return {name: t.detach().clone() for name, t in net.state_dict().items()}
+
+
+def manual_forward(state, x, activation, eps=1e-5):
+    """The MLP by hand from a state dict: [(pre-activation, output) per hidden layer], logits.
+    BatchNorm in training mode: batch mean and biased variance."""
+    n_layers = len([k for k in state if re.fullmatch(r"blocks\.\d+\.linear\.weight", k)])
+    h = state["embedding.weight"][x].reshape(len(x), -1)
+    layers = []
+    for i in range(n_layers):
+        pre = h @ state[f"blocks.{i}.linear.weight"].T
+        if f"blocks.{i}.linear.bias" in state:
+            pre = pre + state[f"blocks.{i}.linear.bias"]
+        if f"blocks.{i}.norm.weight" in state:
+            var = ((pre - pre.mean(0)) ** 2).mean(0)
+            pre = (pre - pre.mean(0)) / torch.sqrt(var + eps) * state[f"blocks.{i}.norm.weight"] + state[f"blocks.{i}.norm.bias"]
+        h = torch.tanh(pre) if activation == "tanh" else torch.where(pre > 0, pre, torch.zeros_like(pre))
+        layers.append((pre, h))
+    return layers, h @ state["output.weight"].T + state["output.bias"]
+
+
+def weight_names(state):
+    """Tag names of the weight matrices, written out independently of actgrad.diagnostic.param_name."""
+    names = {"embedding.weight": "embedding.weight"}
+    names |= {k: f"layer{int(k.split('.')[1]) + 1}.weight" for k in state if re.fullmatch(r"blocks\.\d+\.linear\.weight", k)}
+    return names | {"output.weight": "output.weight"}
+
+
+def manual_grads(state, x, y, activation):
+    """Gradients of the loss w.r.t. each layer's output and each weight, by autograd on the hand-written net."""
+    params = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in state.items()}
+    layers, logits = manual_forward(params, x, activation)
+    weights = weight_names(state)
+    grads = torch.autograd.grad(F.cross_entropy(logits, y), [out for _, out in layers] + [params[k] for k in weights])
+    return grads[: len(layers)], dict(zip(weights.values(), grads[len(layers):]))
+
+
+def close(got, expected, abs=1e-6):
+    return got == pytest.approx(float(expected), rel=1e-4, abs=abs)
+
+
+# ---------------------------------------------------------------- each diagnostic
+
+
+@pytest.mark.parametrize("n_layers,norm,activation", MODELS)
+def test_activation_statistics(n_layers, norm, activation):
+    net = make_net(n_layers, norm, activation, rule=init.naive if activation == "tanh" else init.kaiming)
+    d = Activations(every_n_steps=2)
+    trainer = make_trainer([d])
+    seen = run_steps(net, [d], trainer, 5)
+    logged = trainer.loggers[0].scalars
+    assert set(logged["act/saturation/layer1"]) == {0, 2, 4}
+    for step in (0, 4):
+        before, x, y, _ = seen[step]
+        for i, (pre, out) in enumerate(manual_forward(before, x, activation)[0], 1):
+            flat = out.abs() > 0.97 if activation == "tanh" else out == 0
+            one_flip = 1.5 / flat.numel()  # a value right at the threshold may round either way
+            assert close(logged[f"act/mean/layer{i}"][step], out.mean())
+            assert close(logged[f"act/std/layer{i}"][step], out.std())
+            assert close(logged[f"act/saturation/layer{i}"][step], flat.float().mean(), abs=one_flip)
+            assert close(logged[f"act/dead/layer{i}"][step], flat.all(0).float().mean(), abs=1.5 / flat.shape[1])
+            assert close(logged[f"preact/mean/layer{i}"][step], pre.mean(), abs=1e-5)
+            assert close(logged[f"preact/std/layer{i}"][step], pre.std())
+    assert f"act/mean/layer{n_layers + 1}" not in logged
+
+
+def test_saturation_is_not_trivial():
+    """The naive tanh net of the tests above really is partly saturated, and a ReLU net partly dead."""
+    logged = {}
+    for activation in ("tanh", "relu"):
+        net = make_net(5, False, activation, n_hidden=64)
+        d = Activations(every_n_steps=1)
+        trainer = make_trainer([d])
+        run_steps(net, [d], trainer, 1, batch_size=8)
+        logged[activation] = trainer.loggers[0].scalars
+    assert 0.3 < logged["tanh"]["act/saturation/layer2"][0] < 1
+    assert 0 < logged["relu"]["act/dead/layer5"][0] < 1
+
+
+@pytest.mark.parametrize("n_layers,norm,activation", MODELS)
+def test_activation_gradients(n_layers, norm, activation):
+    net = make_net(n_layers, norm, activation, rule=init.kaiming)
+    d = ActivationGrads(every_n_steps=3)
+    trainer = make_trainer([d])
+    seen = run_steps(net, [d], trainer, 4)
+    logged = trainer.loggers[0].scalars
+    for step in (0, 3):
+        before, x, y, _ = seen[step]
+        act_grads, _ = manual_grads(before, x, y, activation)
+        for i, g in enumerate(act_grads, 1):
+            assert close(logged[f"act_grad/mean/layer{i}"][step], g.mean(), abs=1e-9)
+            assert close(logged[f"act_grad/std/layer{i}"][step], g.std(), abs=1e-9)
+    assert set(logged["act_grad/std/layer1"]) == {0, 3}
+
+
+@pytest.mark.parametrize("n_layers,norm,activation", MODELS)
+def test_parameter_gradients(n_layers, norm, activation):
+    net = make_net(n_layers, norm, activation, rule=init.kaiming)
+    d = ParamGrads(every_n_steps=2)
+    trainer = make_trainer([d])
+    seen = run_steps(net, [d], trainer, 3)
+    logged = trainer.loggers[0].scalars
+    before, x, y, _ = seen[2]
+    _, weight_grads = manual_grads(before, x, y, activation)
+    weights = {name: before[key] for key, name in weight_names(before).items()}
+    assert {t.split("/")[-1] for t in logged} == set(weights)  # weights only: no biases, no norm parameters
+    for name, g in weight_grads.items():
+        assert close(logged[f"param_grad/mean/{name}"][2], g.mean(), abs=1e-9)
+        assert close(logged[f"param_grad/std/{name}"][2], g.std(), abs=1e-9)
+        assert close(logged[f"param_grad/data_ratio/{name}"][2], g.std() / weights[name].std(), abs=1e-9)
+
+
+def test_parameter_gradients_of_every_parameter():
+    net = make_net(2, True, "tanh", rule=init.kaiming)
+    d = ParamGrads(every_n_steps=1, weights_only=False)
+    trainer = make_trainer([d])
+    run_steps(net, [d], trainer, 1)
+    names = {t.split("/")[-1] for t in trainer.loggers[0].scalars}
+    assert names == {"embedding.weight", "layer1.weight", "layer1.norm.weight", "layer1.norm.bias", "layer2.weight",
+                     "layer2.norm.weight", "layer2.norm.bias", "output.weight", "output.bias"}
+
+
+@pytest.mark.parametrize("n_layers,norm,activation", MODELS)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_update_ratio_is_the_real_update(n_layers, norm, activation, optimizer):
+    net = make_net(n_layers, norm, activation, rule=init.kaiming)
+    if optimizer == "adam":  # the update is not lr * grad: only a before/after snapshot gets it right
+        opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    d = UpdateRatio(every_n_steps=2)
+    trainer = make_trainer([d])
+    seen = run_steps(net, [d], trainer, 5, optimizer=opt, scheduler=scheduler)
+    logged = trainer.loggers[0].scalars
+    for step in (0, 2, 4):
+        before, _, _, after = seen[step]
+        for key, name in weight_names(before).items():
+            expected = torch.log10((after[key] - before[key]).std() / before[key].std())
+            assert close(logged[f"update_ratio/{name}"][step], expected, abs=1e-5)
+        assert logged["update_ratio/guide"][step] == -3
+    if optimizer == "adam":  # and that differs from the lecture's SGD shortcut lr * grad
+        before, x, y, _ = seen[0]
+        _, grads = manual_grads(before, x, y, activation)
+        shortcut = torch.log10((0.01 * grads["layer1.weight"]).std() / before["blocks.0.linear.weight"].std())
+        assert abs(logged["update_ratio/layer1.weight"][0] - float(shortcut)) > 0.1
+
+
+def test_initial_loss(caplog):
+    x = torch.randint(0, 27, (500, 3), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 27, (500,), generator=torch.Generator().manual_seed(2))
+    datamodule = SimpleNamespace(splits={"train": (x, y)})
+    for rule, warned in ((init.naive, True), (init.kaiming, False)):
+        net = make_net(2, True, "tanh", n_hidden=32, rule=rule)
+        state = snapshot(net)
+        d = InitialLoss(num_examples=1000)  # more than the split: all of it, in some order
+        trainer = make_trainer([d], datamodule=datamodule)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="callbacks.initial_loss"):
+            d.on_train_start(trainer, SimpleNamespace(net=net, device=torch.device("cpu")))
+        logged = trainer.loggers[0].scalars
+        expected = F.cross_entropy(manual_forward(state, x, "tanh")[1], y)
+        assert close(logged["init/loss"][0], expected, abs=1e-4)
+        assert close(logged["init/uniform_loss"][0], math.log(27))
+        assert any(r.levelno == logging.WARNING for r in caplog.records) == warned
+        assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())  # BatchNorm's running stats untouched
+
+
+def test_initial_loss_skips_resumed_runs():
+    d = InitialLoss()
+    trainer = make_trainer([d])
+    trainer.global_step = 100
+    d.on_train_start(trainer, None)
+    assert trainer.loggers[0].scalars == {}
+
+
+def read_events(path):
+    events = EventAccumulator(str(path), size_guidance=ALL_SIZES)
+    events.Reload()
+    return events
+
+
+@pytest.mark.parametrize("n_layers,norm,activation", MODELS)
+def test_histograms(tmp_path, n_layers, norm, activation):
+    net = make_net(n_layers, norm, activation, rule=init.kaiming)
+    d = Histograms(every_n_steps=2)
+    trainer = make_trainer([d], tmp_path)
+    seen = run_steps(net, [d], trainer, 3)
+    finish([d], trainer, net)
+    events = read_events(tmp_path)
+    before, x, y, _ = seen[2]
+    layers, _ = manual_forward(before, x, activation)
+    act_grads, weight_grads = manual_grads(before, x, y, activation)
+    expected = {}
+    for i, ((pre, out), g) in enumerate(zip(layers, act_grads), 1):
+        expected |= {f"act/layer{i}": out, f"preact/layer{i}": pre, f"act_grad/layer{i}": g}
+    expected |= {f"param_grad/{name}": g for name, g in weight_grads.items()}
+    assert set(events.Tags()["histograms"]) == set(expected)
+    for tag, values in expected.items():
+        steps = {e.step: e.histogram_value for e in events.Histograms(tag)}
+        assert set(steps) == {0, 2}
+        h = steps[2]
+        assert h.num == values.numel()
+        assert h.min == pytest.approx(float(values.min()), rel=1e-4, abs=1e-9)
+        assert h.max == pytest.approx(float(values.max()), rel=1e-4, abs=1e-9)
+        assert h.sum_squares == pytest.approx(float((values.double() ** 2).sum()), rel=1e-3, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_layers,norm,activation", [MODELS[0], MODELS[-1]])
+def test_distribution_figures(tmp_path, monkeypatch, n_layers, norm, activation):
+    import callbacks.figures as figures
+
+    drawn = []
+    overlay = figures.overlay
+    monkeypatch.setattr(figures, "overlay", lambda title, xlabel, curves: drawn.append((title, curves)) or overlay(title, xlabel, curves))
+    net = make_net(n_layers, norm, activation)
+    d = DistributionFigures(every_n_steps=5)
+    trainer = make_trainer([d], tmp_path)
+    seen = run_steps(net, [d], trainer, 7)
+    assert drawn == []  # nothing is drawn while training
+    d.on_fit_end(trainer, None)
+    finish([d], trainer, net)
+    assert [title for title, _ in drawn] == [f"{kind} distribution, step {step}" for step in (0, 5)
+                                             for kind in ("activation", "gradient", "weight gradient")]
+    act, act_grad, param_grad = (curves for _, curves in drawn[3:])  # step 5's three figures
+    before, x, y, _ = seen[5]
+    layers, _ = manual_forward(before, x, activation)
+    grads, weight_grads = manual_grads(before, x, y, activation)
+    for (label, values), (_, out), g in zip(act.items(), layers, grads):
+        flat = out.abs() > 0.97 if activation == "tanh" else out == 0
+        assert torch.allclose(values, out, atol=1e-6)
+        assert f"std {out.std():.2f}" in label and f"saturated {100 * flat.float().mean():.1f}%" in label
+    assert len(act) == len(act_grad) == n_layers
+    for (label, values), g in zip(act_grad.items(), grads):
+        assert torch.allclose(values, g, rtol=1e-4, atol=1e-7) and f"std {g.std():.2e}" in label
+    assert [label.split(" ")[0] for label in param_grad] == list(weight_grads)
+    for (label, values), (name, g) in zip(param_grad.items(), weight_grads.items()):
+        ratio = g.std() / before[next(k for k, v in weight_names(before).items() if v == name)].std()
+        assert torch.allclose(values, g, rtol=1e-4, atol=1e-7) and f"grad:data {ratio:.2e}" in label
+    events = read_events(tmp_path)
+    assert sorted(events.Tags()["images"]) == ["figures/act", "figures/act_grad", "figures/param_grad"]
+    images = events.Images("figures/act")
+    assert [i.step for i in images] == [0, 5]
+    assert images[1].encoded_image_string[:4] == b"\x89PNG" and images[1].width > 300
+
+
+def test_figures_are_drawn_when_a_run_fails(tmp_path):
+    net = make_net(1, False, "tanh")
+    diagnostics = [DistributionFigures(every_n_steps=2), UpdateRatioFigure(every_n_steps=1)]
+    trainer = make_trainer(diagnostics, tmp_path)
+    run_steps(net, diagnostics, trainer, 3)
+    for d in diagnostics:
+        d.on_exception(trainer, None, RuntimeError("diverged"))
+    trainer.loggers[1].experiment.flush()
+    images = read_events(tmp_path).Tags()["images"]
+    assert sorted(images) == ["figures/act", "figures/act_grad", "figures/param_grad", "figures/update_ratio"]
+    assert not net.blocks[0].act._forward_hooks  # and the capture is released
+
+
+def test_update_ratio_figure(tmp_path):
+    net = make_net(5, True, "relu", rule=init.kaiming)
+    d = UpdateRatioFigure(every_n_steps=2)
+    trainer = make_trainer([d], tmp_path)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    seen = run_steps(net, [d], trainer, 9, optimizer=opt)
+    d.on_fit_end(trainer, None)
+    finish([d], trainer, net)
+    assert d.steps == [0, 2, 4, 6, 8]
+    assert d.names == list(weight_names(seen[0][0]).values())
+    for step, ratios in zip(d.steps, d.history):
+        before, _, _, after = seen[step]
+        expected = [torch.log10((after[k] - before[k]).std() / before[k].std()) for k in weight_names(before)]
+        assert torch.allclose(ratios, torch.stack(expected), atol=1e-5)
+    images = read_events(tmp_path).Images("figures/update_ratio")
+    assert [i.step for i in images] == [9]  # drawn once, at the end
+
+
+@pytest.mark.parametrize("n_layers,norm", [(1, False), (5, True)])
+def test_never_fired_example(n_layers, norm):
+    """The README's worked example, against a running OR of (output > 0) over the watched steps."""
+    net = make_net(n_layers, norm, "relu", n_hidden=32, rule=init.kaiming)
+    d = NeverFired(every_n_steps=2)
+    trainer = make_trainer([d])
+    seen = run_steps(net, [d], trainer, 7, batch_size=2)
+    logged = trainer.loggers[0].scalars
+    fired = [torch.zeros(32, dtype=torch.bool)] * n_layers
+    for step in (0, 2, 4, 6):
+        before, x, _, _ = seen[step]
+        outs = [out for _, out in manual_forward(before, x, "relu")[0]]
+        fired = [f | (out > 0).any(0) for f, out in zip(fired, outs)]
+        for i, f in enumerate(fired, 1):
+            assert close(logged[f"act/never_fired/layer{i}"][step], 1 - f.float().mean())
+    shares = [logged[f"act/never_fired/layer{n_layers}"][step] for step in (0, 2, 4, 6)]
+    assert shares == sorted(shares, reverse=True)  # only goes down
+    assert norm or shares[0] > shares[-1]  # and does (batch-normed units always fire for one of two examples)
+
+
+def test_never_fired_example_is_short_and_in_readme():
+    source = (Path(__file__).resolve().parents[1] / "callbacks/never_fired.py").read_text()
+    assert len(source.splitlines()) < 30
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if readme.is_file() and "Write your own diagnostic" in readme.read_text():
+        assert source.strip() in readme.read_text(), "README's worked example differs from callbacks/never_fired.py"
+
+
+# ---------------------------------------------------------------- the base
+
+
+def test_capture_is_shared_idle_and_removed():
+    net = make_net(3, True, "tanh")
+    diagnostics = [Activations(every_n_steps=2), ActivationGrads(every_n_steps=2), Histograms(every_n_steps=4)]
+    trainer = make_trainer(diagnostics)
+    run_steps(net, diagnostics, trainer, 1)
+    assert [len(block.act._forward_hooks) for block in net.blocks] == [1, 1, 1]  # one hook, three diagnostics
+    layer = diagnostics[0].layers["layer2"]
+    out, grad = layer.out, layer.grad
+    assert out is not None and grad is not None and not out.requires_grad
+    run_steps(net, diagnostics, trainer, 1)  # step 0 again, then nothing watches step 1:
+    for d in diagnostics:
+        d.active = False
+    net(torch.zeros(4, 3, dtype=torch.long)).sum().backward()
+    assert diagnostics[0].layers["layer2"].out.shape[0] == 32  # the unwatched forward was not captured
+    finish(diagnostics[:2], trainer, net)
+    assert [len(block.act._forward_hooks) for block in net.blocks] == [1, 1, 1]
+    finish(diagnostics[2:], trainer, net)
+    assert [len(block.act._forward_hooks) for block in net.blocks] == [0, 0, 0]
+    assert net not in LayerCapture._of
+
+
+def test_every_n_steps_is_checked():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        Activations(every_n_steps=0)
+
+
+def test_layout_puts_every_layer_in_one_chart(tmp_path):
+    net = make_net(3, False, "tanh")
+    diagnostics = [Activations(every_n_steps=1), ActivationGrads(every_n_steps=1), ParamGrads(every_n_steps=1),
+                   UpdateRatio(every_n_steps=1)]
+    trainer = make_trainer(diagnostics, tmp_path)
+    run_steps(net, diagnostics, trainer, 1)
+    finish(diagnostics, trainer, net)
+    events = read_events(tmp_path)
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (config,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {chart.title: chart.multiline.tag for category in layout.category for chart in category.chart}
+    tags = events.Tags()["scalars"]
+
+    def members(title_start):
+        (regexes,) = [r for t, r in charts.items() if t.startswith(title_start)]
+        return sorted(t for t in tags if any(re.match(r, t) for r in regexes))
+
+    assert members("act/saturation") == ["act/saturation/layer1", "act/saturation/layer2", "act/saturation/layer3"]
+    assert members("update_ratio") == ["update_ratio/embedding.weight", "update_ratio/guide", "update_ratio/layer1.weight",
+                                       "update_ratio/layer2.weight", "update_ratio/layer3.weight", "update_ratio/output.weight"]
+    assert all(members(title) for title in charts)  # no chart is empty
+    assert all(any(re.match(r, t) for rs in charts.values() for r in rs) for t in tags)  # every tag is in a chart
+
+
+# ---------------------------------------------------------------- lecture facts on names.txt
+
+
+needs_names = pytest.mark.skipif(not NAMES.is_file(), reason=f"{NAMES} is absent (the lecture's names.txt)")
+
+
+@functools.cache
+def names_examples(n=None):
+    from actgrad.data import build_examples, read_words, split_words
+
+    x, y = build_examples(split_words(read_words(NAMES), 42)["train"], block_size=3)
+    if n is None:
+        return x, y
+    ix = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
+    return x[ix], y[ix]
+
+
+@needs_names
+def test_lecture_saturation_at_init():
+    """200 tanh units, no norm, step 0 on 4096 training examples: the naive init saturates most of
+    the hidden layer. Kaiming (gain 5/3 on N(0, 1) embeddings: preact std ~1.67) still leaves about a
+    fifth beyond |t| > 0.97, as the lecture's first tanh layer (20%); the lecture's hand fix
+    (hidden weights x0.2: preact std ~1.1) leaves a few percent."""
+    x, y = names_examples(4096)
+    saturation = {}
+    for name, rule in (("naive", init.naive), ("kaiming", init.kaiming), ("scaled", init.scaled)):
+        torch.manual_seed(1337)
+        net = MLP(n_embd=10, n_hidden=200, n_layers=1, activation="tanh")
+        rule(net)
+        d = Activations(every_n_steps=1)
+        trainer = make_trainer([d])
+        run_one_step(d, trainer, net, x, y)
+        saturation[name] = trainer.loggers[0].scalars["act/saturation/layer1"][0]
+    assert saturation["naive"] > 0.5, saturation  # 0.73
+    assert 0.1 < saturation["kaiming"] < 0.35, saturation  # 0.26
+    assert saturation["scaled"] < 0.1, saturation  # 0.08
+
+
+def run_one_step(d, trainer, net, x, y):
+    module = SimpleNamespace(net=net)
+    d.setup(trainer, module, "fit")
+    d.active = True
+    F.cross_entropy(net(x), y).backward()
+    d.on_after_backward(trainer, module, 0)
+    d.active = False
+    d.teardown(trainer, module, "fit")
+
+
+@needs_names
+def test_lecture_initial_loss():
+    x, y = names_examples()  # the whole training split
+    losses = {}
+    for name, rule in (("naive", init.naive), ("kaiming", init.kaiming)):
+        torch.manual_seed(1337)
+        net = MLP(n_embd=10, n_hidden=200, n_layers=1, activation="tanh")
+        rule(net)
+        d = InitialLoss(num_examples=4096)
+        trainer = make_trainer([d], datamodule=SimpleNamespace(splits={"train": (x, y)}))
+        d.on_train_start(trainer, SimpleNamespace(net=net, device=torch.device("cpu")))
+        losses[name] = trainer.loggers[0].scalars["init/loss"][0]
+        assert trainer.loggers[0].scalars["init/uniform_loss"][0] == pytest.approx(3.2958, abs=1e-4)
+    assert 22 < losses["naive"] < 34, losses  # 25.8 here; the lecture's first batch of 32: 27.9
+    assert 3.2 < losses["kaiming"] < 3.4, losses

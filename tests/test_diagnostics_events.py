@@ -1,0 +1,75 @@
+"""A real run through actgrad.experiment.train, read back with TensorBoard's own event reader."""
+
+import math
+import random
+
+import pytest
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from actgrad.experiment import train
+
+CONF = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
+pytestmark = [pytest.mark.filterwarnings("ignore:The number of training batches"),
+              pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec")]
+ALL_SIZES = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0, "compressedHistograms": 0, "audio": 0}
+
+
+def run(tmp_path, *overrides):
+    tmp_path.mkdir(exist_ok=True)
+    rng = random.Random(0)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 7))) for _ in range(300)))
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "trainer.max_steps=40", "steps_per_batch=10", "log_every_n_steps=10", "val_every_n_steps=20",
+            "trainer.enable_progress_bar=false", f"data.path={names}", "model.n_hidden=16", *overrides])
+    assert train(cfg, tmp_path / "run")["status"] == "completed"
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance=ALL_SIZES)
+    events.Reload()
+    return events
+
+
+def expected_tags(n_layers):
+    layers = [f"layer{i}" for i in range(1, n_layers + 1)]
+    weights = ["embedding.weight", *(f"{l}.weight" for l in layers), "output.weight"]
+    scalars = {"init/loss", "init/uniform_loss", "update_ratio/guide"}
+    scalars |= {f"{q}/{l}" for q in ("act/mean", "act/std", "act/saturation", "act/dead", "preact/mean", "preact/std",
+                                     "act_grad/mean", "act_grad/std") for l in layers}
+    scalars |= {f"{q}/{w}" for q in ("param_grad/mean", "param_grad/std", "param_grad/data_ratio", "update_ratio") for w in weights}
+    histograms = {f"{q}/{l}" for q in ("act", "preact", "act_grad") for l in layers} | {f"param_grad/{w}" for w in weights}
+    images = {"figures/act", "figures/act_grad", "figures/param_grad", "figures/update_ratio"}
+    return scalars, histograms, images
+
+
+@pytest.mark.parametrize("norm,activation", [("batchnorm", "tanh"), ("none", "relu")])
+def test_full_run_writes_every_tag(tmp_path, norm, activation):
+    events = run(tmp_path, "callbacks=full", "model.n_layers=3", f"norm={norm}", f"model.activation={activation}",
+                 "callbacks.figures.every_n_steps=20")
+    scalars, histograms, images = expected_tags(3)
+    tags = events.Tags()
+    assert scalars <= set(tags["scalars"]), scalars - set(tags["scalars"])
+    assert histograms == set(tags["histograms"])
+    assert images == set(tags["images"])
+    assert "custom_scalars__config__" in tags["tensors"]
+    assert [e.step for e in events.Scalars("act/saturation/layer3")] == list(range(40))  # every step, x = step
+    assert {e.value for e in events.Scalars("update_ratio/guide")} == {-3}
+    assert events.Scalars("init/uniform_loss")[0].value == pytest.approx(math.log(27))
+    assert [e.step for e in events.Histograms("act_grad/layer2")] == list(range(40))
+    assert [e.step for e in events.Images("figures/act")] == [0, 20]
+    assert [e.step for e in events.Images("figures/update_ratio")] == [40]
+
+
+def test_default_and_none(tmp_path):
+    default = run(tmp_path / "default", "callbacks=default")
+    scalars, histograms, images = expected_tags(1)
+    tags = default.Tags()
+    assert scalars <= set(tags["scalars"]) and histograms == set(tags["histograms"])
+    assert set(tags["images"]) == {"figures/act", "figures/act_grad", "figures/param_grad"}  # update ratios: 1 point so far
+    assert [e.step for e in default.Scalars("act/saturation/layer1")] == [0]  # every 1000 steps
+
+    none = run(tmp_path / "none", "callbacks=none")
+    tags = none.Tags()
+    assert "train/loss" in tags["scalars"]
+    assert not [t for t in tags["scalars"] if t.startswith(("init/", "act/", "preact/", "act_grad/", "param_grad/", "update_ratio/"))]
+    assert not tags["histograms"] and not tags["images"] and "custom_scalars__config__" not in tags["tensors"]
