@@ -65,7 +65,7 @@ def check_choices(args: list[str], conf_dir: Path) -> None:
         if not values or "(" in values or group.startswith(("hydra", "+", "~")) or not folder.is_dir():
             continue
         accepted = sorted(p.stem for p in folder.glob("*.yaml"))
-        for value in values.split(","):
+        for value in values.strip("[]").split(","):  # init=a,b (a sweep) or callbacks=[a,b] (a list)
             if value not in accepted:
                 raise ConfigError(f"{group}={value}: unknown {group}; accepted: {', '.join(accepted)}")
 
