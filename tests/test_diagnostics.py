@@ -425,20 +425,27 @@ def test_capture_is_shared_idle_and_removed():
     net = make_net(3, True, "tanh")
     diagnostics = [Activations(every_n_steps=2), ActivationGrads(every_n_steps=2), Histograms(every_n_steps=4)]
     trainer = make_trainer(diagnostics)
+    hooks = lambda: [len(block.act._forward_hooks) for block in net.blocks]  # noqa: E731
     run_steps(net, diagnostics, trainer, 1)
-    assert [len(block.act._forward_hooks) for block in net.blocks] == [1, 1, 1]  # one hook, three diagnostics
     layer = diagnostics[0].layers["layer2"]
     out, grad = layer.out, layer.grad
     assert out is not None and grad is not None and not out.requires_grad
-    run_steps(net, diagnostics, trainer, 1)  # step 0 again, then nothing watches step 1:
+    assert hooks() == [0, 0, 0]  # nobody watches now: no hooks at all
+    for d in diagnostics:
+        d.active = True
+    assert hooks() == [1, 1, 1]  # one hook per layer, shared by three watching diagnostics
+    diagnostics[0].active = False
+    assert hooks() == [1, 1, 1]  # the others still watch
     for d in diagnostics:
         d.active = False
+    assert hooks() == [0, 0, 0]
     net(torch.zeros(4, 3, dtype=torch.long)).sum().backward()
     assert diagnostics[0].layers["layer2"].out.shape[0] == 32  # the unwatched forward was not captured
+    diagnostics[2].active = True  # a run stopped by an error mid-step: teardown still removes the hooks
     finish(diagnostics[:2], trainer, net)
-    assert [len(block.act._forward_hooks) for block in net.blocks] == [1, 1, 1]
+    assert hooks() == [1, 1, 1]
     finish(diagnostics[2:], trainer, net)
-    assert [len(block.act._forward_hooks) for block in net.blocks] == [0, 0, 0]
+    assert hooks() == [0, 0, 0]
     assert net not in LayerCapture._of
 
 

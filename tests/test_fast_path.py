@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from actgrad.data import RandomBatches
 from actgrad.experiment import build, train
+from actgrad.module import lean_calls
 
 from conftest import make_config
 from test_train import scalars
@@ -60,6 +61,32 @@ def test_framework_equals_a_hand_written_loop(small_names, tmp_path):
     ours = final_params(tmp_path)
     for name, tensor in net.state_dict().items():
         torch.testing.assert_close(ours[f"net.{name}"], tensor, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_lean_optimizer_calls_are_the_same_training(optimizer, small_names, tmp_path):
+    for lean in ("true", "false"):
+        train(make_config(*BASE, "steps_per_batch=60", f"optimizer={optimizer}", f"lean_optimizer={lean}",
+                          f"data.path={small_names}"), tmp_path / lean)
+    assert_same_params(final_params(tmp_path / "true"), final_params(tmp_path / "false"))
+    assert scalars(tmp_path / "true")["train/loss"] == scalars(tmp_path / "false")["train/loss"]
+
+
+def test_lean_calls_clear_grads_and_keep_step_hooks():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    optimizer = torch.optim.SGD([p], lr=0.5)
+    clear_grads, step = lean_calls(optimizer)
+    step()
+    assert p.tolist() == [0.5, 0.5, 0.5]
+    clear_grads()
+    assert p.grad is None
+    calls = []
+    optimizer.register_step_post_hook(lambda *args: calls.append("hook"))
+    p.grad = torch.ones(3)
+    _, step = lean_calls(optimizer)
+    step()
+    assert calls == ["hook"] and p.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_resuming_at_a_step_inside_a_chunk(small_names, tmp_path):

@@ -14,8 +14,8 @@ modulo. A step it watches runs, in this order:
 A diagnostic that sets `captures_layers = True` finds in `self.layers` every hidden layer
 ("layer1".."layerN") as seen on the step being watched: its nonlinearity's input `pre`,
 output `out` and, after backward, the output's gradient `grad` (all detached). The forward
-hooks behind it are registered once in `setup`, shared by all diagnostics of a network, and
-removed in `teardown` (or `on_exception`); on steps nobody watches they only check a flag.
+hooks behind it are shared by all diagnostics of a network and attached only while one of
+them watches a step (`active`); on steps nobody watches there are none.
 A subclass that overrides setup, teardown or on_exception calls super().
 
 A whole diagnostic (see callbacks/never_fired.py for one that uses `self.layers`):
@@ -82,32 +82,43 @@ class Layer:
 
 
 class LayerCapture:
-    """One forward hook on each hidden layer's nonlinearity, shared by every diagnostic of a network."""
+    """A forward hook on each hidden layer's nonlinearity, shared by every diagnostic of a network.
+
+    The hooks are attached only while one of those diagnostics watches a step, so a forward
+    pass on any other step runs exactly as without diagnostics.
+    """
 
     _of = weakref.WeakKeyDictionary()  # net -> its capture
 
     def __init__(self, net):
-        self.net, self.watchers = net, []
+        self.net, self.members, self.handles = net, [], []
         self.layers = {f"layer{i}": Layer(block.act) for i, block in enumerate(net.blocks, 1)}
-        self.handles = [layer.act.register_forward_hook(self._hook(layer)) for layer in self.layers.values()]
 
     @classmethod
     def join(cls, net, diagnostic) -> "LayerCapture":
         capture = cls._of.get(net) or cls._of.setdefault(net, cls(net))
-        capture.watchers.append(diagnostic)
+        capture.members.append(diagnostic)
         return capture
 
     def leave(self, diagnostic):
-        self.watchers.remove(diagnostic)
-        if not self.watchers:  # the last one out removes the hooks
-            for handle in self.handles:
-                handle.remove()
+        self.members.remove(diagnostic)
+        self.update()
+        if not self.members:
             del self._of[self.net]
 
-    def _hook(self, layer):
+    def update(self):
+        """Hooks on while any member is watching a step, off otherwise."""
+        watched = any(d.active for d in self.members)
+        if watched and not self.handles:
+            self.handles = [layer.act.register_forward_hook(self._hook(layer)) for layer in self.layers.values()]
+        elif not watched and self.handles:
+            for handle in self.handles:
+                handle.remove()
+            self.handles = []
+
+    @staticmethod
+    def _hook(layer):
         def hook(module, inputs, output):
-            if not any(d.active for d in self.watchers):
-                return  # the cost of an unwatched step
             layer.pre, layer.out, layer.grad = inputs[0].detach(), output.detach(), None
             if output.requires_grad:
                 output.register_hook(layer.keep_grad)
@@ -123,8 +134,19 @@ class Diagnostic(L.Callback):
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"{type(self).__name__}.every_n_steps={every_n_steps!r}: must be a positive whole number")
         self.every_n_steps = every_n_steps
-        self.active = False  # true from on_step_start to on_step_end of a step we watch
+        self._active = False
         self._capture = None
+
+    @property
+    def active(self) -> bool:
+        """True from on_step_start to on_step_end of a step this diagnostic watches."""
+        return self._active
+
+    @active.setter
+    def active(self, on: bool):
+        self._active = on
+        if self._capture is not None:
+            self._capture.update()  # the layer hooks are attached only for watched steps
 
     def wants(self, step: int) -> bool:
         return step % self.every_n_steps == 0

@@ -109,6 +109,7 @@ def build(cfg: DictConfig):
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         log_every_n_steps=cfg.log_every_n_steps,
+        lean_optimizer=cfg.lean_optimizer,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     return data, module
