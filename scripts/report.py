@@ -10,6 +10,7 @@ import argparse
 import collections
 import csv
 import math
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -66,9 +67,12 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-def plot(all_series, tags, title, ylabel, path, reduce=None):
-    """One line per run; `reduce` merges several tags of a run (e.g. the layers) into one series."""
+def plot(all_series, tags, title, ylabel, path, reduce=None, clip=False):
+    """One line per run; `reduce` merges several tags of a run (e.g. the layers) into one series;
+    `clip` cuts the y axis at 1.5x the highest run median, so one run's early spike (naive init
+    starts at ~26) does not flatten the others."""
     fig, ax = plt.subplots(figsize=(9, 5))
+    medians = []
     for run, series in all_series.items():
         matching = [series[t] for t in series if any(t.startswith(prefix) for prefix in tags)]
         if not matching:
@@ -79,10 +83,15 @@ def plot(all_series, tags, title, ylabel, path, reduce=None):
                 for step, value in points:
                     by_step[step].append(value)
             steps = sorted(by_step)
-            ax.plot(steps, [reduce(by_step[s]) for s in steps], label=run)
+            values = [reduce(by_step[s]) for s in steps]
         else:
             steps, values = zip(*matching[0])
-            ax.plot(steps, values, label=run)
+        ax.plot(steps, values, label=run)
+        finite = [v for v in values if math.isfinite(v)]  # a diverged run ends in nan
+        if finite:
+            medians.append(statistics.median(finite))
+    if clip and medians:
+        ax.set_ylim(top=1.5 * max(medians))
     ax.set(title=title, xlabel="step", ylabel=ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -106,7 +115,7 @@ def report(sweep_dir: Path) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     plot(all_series, ["train/loss"], "training loss (mean over each logging interval)", "loss",
-         sweep_dir / "loss_curves.png")
+         sweep_dir / "loss_curves.png", clip=True)
     plot(all_series, ["act/saturation/"], "tanh saturation, worst layer", "share of saturated units",
          sweep_dir / "saturation.png", reduce=max)
     return rows
