@@ -164,6 +164,10 @@ def main():
         rss = statistics.median(m["peak_rss_mb"] for m in results[name])
         rss_ratio = statistics.median(m["peak_rss_mb"] / r["peak_rss_mb"] for m, r in zip(results[name], ref))
         print(f"| {name} | {speed:,.0f} | {ratio:.2f} | {rss:.0f} | {rss_ratio:.2f} |")
+    if {"actgrad default", "actgrad callbacks=none"} <= set(names):  # the diagnostics' cost, same rounds
+        kept = statistics.median(d["steps_per_s"] / n["steps_per_s"]
+                                 for d, n in zip(results["actgrad default"], results["actgrad callbacks=none"]))
+        print(f"\ndefault diagnostics: {kept:.3f}x the steps/s of callbacks=none ({1 - kept:.1%} slower)")
 
 
 if __name__ == "__main__":
