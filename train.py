@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from actgrad.experiment import ConfigError, check_choices, check_writable, remove_run_dir, train
+from actgrad.checks import ConfigError, check_choices, check_writable, remove_run_dir
 from actgrad.sweep import assign_gpu, gpu_count
 
 log = logging.getLogger("actgrad")
@@ -29,6 +29,9 @@ def main(cfg):
     if gpu is not None:
         with open_dict(cfg):
             cfg.trainer.accelerator, cfg.trainer.devices = "gpu", [gpu]
+    # imported here, not above: a sweep's parent process never trains, and Lightning takes ~4 s to import
+    from actgrad.experiment import train
+
     try:
         results = train(cfg, run_dir)
     except ConfigError as e:  # bad settings or data: nothing was trained

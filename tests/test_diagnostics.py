@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from actgrad import init
-from actgrad.diagnostic import Diagnostic, LayerCapture
+from actgrad.diagnostic import LayerCapture
 from actgrad.model import MLP
 from callbacks.activation_grads import ActivationGrads
 from callbacks.activations import Activations

@@ -1,7 +1,5 @@
 """Whatever happens to one run, the rest is there in the morning and a rerun picks up."""
 
-import math
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +10,8 @@ import torch
 import yaml
 
 from actgrad.checkpoint import AtomicCheckpointIO
-from actgrad.experiment import ConfigError, train
+from actgrad.checks import ConfigError
+from actgrad.experiment import train
 
 from conftest import ROOT, TINY, make_config
 from test_train import run_cli, scalars

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from hydra import compose, initialize_config_dir
 
 from actgrad import sweep
