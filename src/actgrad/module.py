@@ -5,6 +5,7 @@ A step of this model takes well under a millisecond, so Lightning's fixed cost p
 We therefore use manual optimization and run `steps_per_batch` optimizer steps per
 Lightning batch, each step plain PyTorch. Lightning still counts every optimizer step in
 `global_step`, so max_steps, checkpoints and the TensorBoard x-axis are in real steps.
+With `lean_optimizer` the steps also skip torch.optim's own per-call wrapping (`lean_calls`).
 """
 
 import functools
