@@ -140,9 +140,9 @@ def lean_calls(optimizer):
             p.grad = None
 
     step = getattr(type(optimizer).step, "__wrapped__", None)  # the optimizer's own step, unwrapped
-    hooks = [getattr(optimizer, "_optimizer_step_pre_hooks", None), getattr(optimizer, "_optimizer_step_post_hooks", None),
-             getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
-             getattr(torch_optimizer, "_global_optimizer_post_hooks", None)]
+    hooks = [getattr(owner, name, None) for owner, name in [
+        (optimizer, "_optimizer_step_pre_hooks"), (optimizer, "_optimizer_step_post_hooks"),
+        (torch_optimizer, "_global_optimizer_pre_hooks"), (torch_optimizer, "_global_optimizer_post_hooks")]]
     if step is None or any(h is None or h for h in hooks):  # hooks to run, or a torch that keeps them elsewhere
         return clear_grads, optimizer.step
     optimizer._opt_called = True  # what a scheduler's wrapper around step records; it warns without it
