@@ -42,7 +42,7 @@ class InitialLoss(L.Callback):
         x, y = trainer.datamodule.splits["train"]
         generator = torch.Generator().manual_seed(self.seed)
         ix = torch.randperm(len(x), generator=generator)[: self.num_examples]
-        loss, vocab = self.measure(pl_module.net, x[ix].to(pl_module.device), y[ix].to(pl_module.device))
+        loss, vocab = self.measure(pl_module.net, x[ix].to(pl_module.device).long(), y[ix].to(pl_module.device).long())
         uniform = math.log(vocab)
         loss = write_scalars(trainer, {"init/loss": loss, "init/uniform_loss": uniform}, 0)["init/loss"]
         message = f"initial loss {loss:.2f} on {len(ix)} training examples; uniform baseline ln({vocab}) = {uniform:.2f}"

@@ -61,7 +61,7 @@ def reference(steps, args, device):
     torch.manual_seed(1337)
     data = NamesData(path=data_path())
     data.prepare()
-    x, y = (t.to(device) for t in data.splits["train"])
+    x, y = (t.to(device).long() for t in data.splits["train"])
     net = MLP(norm=lambda n: torch.nn.BatchNorm1d(n, momentum=0.001)).to(device)
     init.kaiming(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -1,10 +1,12 @@
 import hashlib
+import random
 
 import pytest
 import torch
 
-from actgrad.data import (DataError, NamesData, RandomBatches, build_examples, census_names, download, load_words,
-                          read_words, split_words)
+import actgrad.data
+from actgrad.data import (DataError, NamesData, RandomBatches, build_examples, census_names, download,
+                          index_dtype, lecture_order, load_words, read_words, split_words)
 
 
 def test_lecture_split_counts(names_txt):
@@ -99,3 +101,99 @@ def test_batches_depend_only_on_seed_and_step():
     assert torch.equal(steps(5, first_step=11), whole[11:])  # a resumed run sees the same batches
     other_seed = torch.cat([xb for xb, _ in RandomBatches(x, y, 8, 1, 23, seed=4)]).squeeze(-1)
     assert not torch.equal(other_seed, whole)
+
+
+# --- preparing at scale: vectorized, compact, checked against memory ---------------------------
+
+
+def per_character_examples(words, block_size):
+    """The lecture's loop, written out independently: one (context, next index) per character and the end '.'."""
+    xs, ys = [], []
+    for w in words:
+        context = [0] * block_size
+        for ch in w + ".":
+            ix = 0 if ch == "." else ord(ch) - ord("a") + 1
+            xs.append(list(context))
+            ys.append(ix)
+            context = context[1:] + [ix]
+    return xs, ys
+
+
+def random_names(n, seed):
+    rng = random.Random(seed)
+    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 14))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 8])
+def test_vectorized_examples_equal_the_per_character_loop(tmp_path, block_size):
+    words = random_names(300, seed=block_size)
+    x, y = build_examples(words, block_size)
+    assert (x.tolist(), y.tolist()) == per_character_examples(words, block_size)
+    # the prepared splits too: names read from a file, split by the lecture's shuffle
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(words) + "\n")
+    data = NamesData(path=str(path), block_size=block_size, split_seed=7)
+    data.prepare()
+    for split, names in split_words(words, seed=7).items():
+        x, y = data.splits[split]
+        assert (x.tolist(), y.tolist()) == per_character_examples(names, block_size), split
+
+
+def test_examples_are_stored_in_uint8_and_drawn_as_int64(small_names):
+    assert index_dtype(27) == "uint8" and index_dtype(300) == "int16" and index_dtype(70_000) == "int32"
+    data = NamesData(path=str(small_names))
+    data.prepare()
+    assert {t.dtype for xy in data.splits.values() for t in xy} == {torch.uint8}
+    xb, yb = next(iter(RandomBatches(*data.splits["train"], 8, 2, 4, seed=0)))
+    assert xb.dtype == yb.dtype == torch.long and xb.shape == (2, 8, 3)
+
+
+def test_prepared_examples_take_block_size_plus_one_bytes_per_character(tmp_path):
+    rng = random.Random(0)
+    names = census_names()
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(rng.choices(names, k=150_000)) + "\n")  # ~1 MB
+    for block_size in (3, 8):
+        data = NamesData(path=str(path), block_size=block_size)
+        data.prepare()
+        stored = sum(t.numel() * t.element_size() for xy in data.splits.values() for t in xy)
+        assert stored / path.stat().st_size <= (block_size + 1) * 1 + 8
+
+
+def test_a_file_too_big_for_memory_is_refused_in_one_line(small_names, monkeypatch):
+    monkeypatch.setattr(actgrad.data, "available_memory", lambda: 1000)
+    with pytest.raises(DataError) as err:
+        NamesData(path=str(small_names)).prepare()
+    message = str(err.value)
+    assert f"data.path={small_names}" in message and "\n" not in message
+    assert "needs about" in message and "available" in message and "MB" in message
+    monkeypatch.setattr(actgrad.data, "available_memory", lambda: 10**12)
+    NamesData(path=str(small_names)).prepare()  # the same file fits a bigger machine
+
+
+def test_a_directory_as_data_path_says_so(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_words(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    assert f"data.path={tmp_path}: is a directory" in str(err.value) and "no such file" not in str(err.value)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 64, 65, 1000, 4097, 32033, 65536, 100_001])
+def test_lecture_order_is_random_shuffle_and_leaves_the_same_random_state(n):
+    for seed in (0, 42):
+        expected = list(range(n))
+        random.seed(seed)
+        random.shuffle(expected)
+        after_shuffle = random.random()
+        assert lecture_order(n, seed).tolist() == expected
+        assert random.random() == after_shuffle
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"anna\r\nbob\r\n" * 6, b"\n\nanna\n\n  bob \n\tcarl\n" * 5, b"anna\nbob\ncarl" * 5, b"anna\rbob\r" * 6],
+)
+def test_line_ends_blank_lines_and_spaces_read_as_before(tmp_path, content):
+    path = tmp_path / "names.txt"
+    path.write_bytes(content)
+    text = content.decode()
+    assert read_words(path) == [w.strip() for w in text.splitlines() if w.strip()]  # the old reading

@@ -490,7 +490,7 @@ needs_names = pytest.mark.skipif(not NAMES.is_file(), reason=f"{NAMES} is absent
 def names_examples(n=None):
     from actgrad.data import build_examples, read_words, split_words
 
-    x, y = build_examples(split_words(read_words(NAMES), 42)["train"], block_size=3)
+    x, y = (t.long() for t in build_examples(split_words(read_words(NAMES), 42)["train"], block_size=3))
     if n is None:
         return x, y
     ix = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]

@@ -72,7 +72,7 @@ def initial_loss(rule, names_path, **kw):
     torch.manual_seed(42)
     data = NamesData(path=str(names_path))
     data.prepare()
-    x, y = data.splits["train"]
+    x, y = (t.long() for t in data.splits["train"])
     net = MLP()  # the lecture's: 200 tanh units, n_embd 10, block_size 3
     getattr(init, rule)(net, **kw)
     with torch.no_grad():
