@@ -5,16 +5,17 @@
 """
 
 import logging
+import shlex
+import signal
 import sys
 from pathlib import Path
 
 import hydra
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from actgrad.checks import ConfigError, check_choices, check_writable, remove_run_dir
+from actgrad.checks import ConfigError, check_overrides, check_writable
 from actgrad.sweep import assign_gpu, gpu_count
 
 log = logging.getLogger("actgrad")
@@ -33,15 +34,16 @@ def main(cfg):
     from actgrad.experiment import train
 
     try:
-        results = train(cfg, run_dir)
-    except ConfigError as e:  # bad settings or data: nothing was trained
-        log.error("%s", e)
-        remove_run_dir(run_dir)
+        results = train(cfg, run_dir, record_refusal=sweeping)
+    except ConfigError as e:  # bad settings or data, or a run dir that is not this run's: nothing was trained
         if not sweeping:
-            sys.exit(1)
-        results = {"status": "failed", "error": str(e)}  # the sweep's summary and report list it
-        run_dir.mkdir(parents=True)
-        (run_dir / "status.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
+            sys.exit(f"error: {e}")
+        log.error("%s", e)
+        results = {"status": "failed", "error": str(e)}  # the sweep's summary lists it
+    if results["status"] == "interrupted" and not sweeping:
+        print(f"interrupted at step {results['steps']:,} ({results['signal']}); last.ckpt saved. "
+              f"Resume with: {resume_command(run_dir)}", file=sys.stderr)
+        sys.exit(128 + signal.Signals[results["signal"]].value)  # 130 for Ctrl-C, 143 for SIGTERM
     if results["status"] == "failed" and not sweeping:
         sys.exit(1)
     if cfg.objective:  # a search minimises this; a run that diverged or failed is the worst trial
@@ -49,9 +51,15 @@ def main(cfg):
     return results
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command line that resumes this run: the same overrides, the same run dir."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.run.dir=")]
+    return shlex.join(["python", sys.argv[0], *overrides, f"hydra.run.dir={run_dir}"])
+
+
 if __name__ == "__main__":
     try:
-        check_choices(sys.argv[1:], Path(__file__).parent / "conf")
+        check_overrides(sys.argv[1:], Path(__file__).parent / "conf")
         check_writable(sys.argv[1:])
     except ConfigError as e:
         sys.exit(f"error: {e}")

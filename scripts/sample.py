@@ -1,6 +1,6 @@
 """Sample names from a trained run, like the lecture.
 
-    python scripts/sample.py outputs/runs/<date>/checkpoints/best.ckpt --n 20 --seed 42
+    python scripts/sample.py outputs/runs/<date>_<time>/checkpoints/last.ckpt --n 20 --seed 42
 """
 
 import argparse
@@ -8,13 +8,14 @@ import argparse
 import torch
 from omegaconf import OmegaConf
 
+from actgrad import checkpoint as checkpoint_file
 from actgrad.data import VOCAB
 from actgrad.experiment import build
 
 
 def load(checkpoint_path):
     """Rebuild the run's model from the config stored in its checkpoint, with the trained weights."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint = checkpoint_file.load(checkpoint_path)  # tensors and plain containers only: runs no code
     cfg = OmegaConf.create(checkpoint["hyper_parameters"])
     cfg.data.path = cfg.data.path or None
     _, module = build(cfg)

@@ -1,9 +1,12 @@
 """Many optimizer steps per Lightning batch is the same training as one step per batch, and as a
 hand-written loop: same batches, same number of steps, same parameters, same logged steps."""
 
+import signal
+
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
 
 from actgrad.data import RandomBatches
 from actgrad.experiment import build, train
@@ -17,7 +20,7 @@ BASE = ["log_every_n_steps=60", "val_every_n_steps=60", "trainer.max_steps=180",
 
 
 def final_params(run_dir):
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
 def assert_same_params(a, b, rtol=0.0, atol=0.0):
@@ -52,7 +55,7 @@ def test_framework_equals_a_hand_written_loop(small_names, tmp_path):
     batches = RandomBatches(*data.splits["train"], 32, 1, 180, cfg.seed)
     for step in range(180):
         ix = batches.indices(step)
-        x, y = data.splits["train"][0][ix], data.splits["train"][1][ix]
+        x, y = data.splits["train"][0][ix].long(), data.splits["train"][1][ix].long()
         loss = F.cross_entropy(net(x), y)
         optimizer.zero_grad()
         loss.backward()
@@ -89,15 +92,41 @@ def test_lean_calls_clear_grads_and_keep_step_hooks():
     assert calls == ["hook"] and p.tolist() == [0.0, 0.0, 0.0]
 
 
-def test_resuming_at_a_step_inside_a_chunk(small_names, tmp_path):
-    constant = [*BASE, "scheduler=constant", f"data.path={small_names}"]
+def test_a_run_stopped_off_a_chunk_boundary_resumes_with_exact_cadences(small_names, tmp_path):
+    constant = [*BASE, "scheduler=constant", f"data.path={small_names}", "checkpoint_every_n_steps=40"]
     train(make_config(*constant, "steps_per_batch=60"), tmp_path / "whole")
-    # stop at step 30, then resume with chunks of 60 that now start mid-way: 30-90, 90-150, 150-180
-    train(make_config(*constant, "steps_per_batch=30", "val_every_n_steps=30", "log_every_n_steps=30",
-                      "trainer.max_steps=30"), tmp_path / "split")
-    results = train(make_config(*constant, "steps_per_batch=60"), tmp_path / "split")
+    # stopped at step 30 (chunks of 30), then resumed with chunks of 70: cadences stay on their multiples
+    results = train(make_config(*constant, "steps_per_batch=30"), tmp_path / "split", extra_callbacks=[StopAt(30)])
+    assert results == {"status": "interrupted", "steps": 30, "signal": "SIGTERM"}
+    checkpoints = Steps()
+    results = train(make_config(*constant, "steps_per_batch=70"), tmp_path / "split", extra_callbacks=[checkpoints])
     assert results["steps"] == 180
+    last = set(checkpoints.saved) - {60, 120}  # those two are best.ckpt, at validations
+    assert last == {40, 80, 160, 180}  # last.ckpt every 40 steps (120 is both), and at the end
+    assert [s for s, _ in scalars(tmp_path / "split")["val/loss"]] == [60, 120, 180]
+    assert [s for s, _ in scalars(tmp_path / "split")["train/loss"]] == [60, 120, 180]
     assert_same_params(final_params(tmp_path / "whole"), final_params(tmp_path / "split"))
+
+
+class StopAt(Callback):
+    """Asks the run to stop, as SIGTERM would, during the chunk of steps that reaches `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + len(batch[0]) >= self.step and pl_module.stop.signum is None:
+            pl_module.stop.handle(signal.SIGTERM, None)
+
+
+class Steps(Callback):
+    """The global steps at which checkpoints were saved."""
+
+    def __init__(self):
+        self.saved = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.saved.append(trainer.global_step)
 
 
 @pytest.mark.slow

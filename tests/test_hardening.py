@@ -3,7 +3,6 @@
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,43 +12,11 @@ from actgrad.checkpoint import AtomicCheckpointIO
 from actgrad.checks import ConfigError
 from actgrad.experiment import train
 
-from conftest import ROOT, TINY, make_config
+from conftest import TINY, make_config
 from test_train import run_cli, scalars
 
 LONG = ["trainer.max_steps=30000", "steps_per_batch=100", "log_every_n_steps=100", "val_every_n_steps=1000",
         "trainer.enable_progress_bar=false", "callbacks=none", "model.n_hidden=50"]
-
-
-@pytest.mark.slow
-def test_a_killed_run_resumes_to_the_same_result(small_names, tmp_path):
-    args = [*LONG, f"data.path={small_names}"]
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert run_cli(*args, f"hydra.run.dir={full}").returncode == 0
-
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={killed}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # let it train past the checkpoint, and log steps the resume must not duplicate
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.exists() and not (killed / "status.yaml").exists(), "the run ended before it could be killed"
-    killed_at = torch.load(last, weights_only=False)["global_step"]
-    assert 0 < killed_at < 30000
-
-    resumed = run_cli(*args, f"hydra.run.dir={killed}")  # the same command again
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming from {last}" in resumed.stderr + resumed.stdout
-
-    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    b = torch.load(last, weights_only=False)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    full_loss, resumed_loss = scalars(full)["train/loss"], scalars(killed)["train/loss"]
-    steps = [s for s, _ in resumed_loss]
-    assert steps == list(range(100, 30001, 100))  # none missing, none twice
-    assert resumed_loss == full_loss
 
 
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path):
@@ -68,7 +35,7 @@ AtomicCheckpointIO().save_checkpoint({{"global_step": 2}}, {str(path)!r})
 """
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True)
     assert proc.returncode == -signal.SIGKILL
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["w"], torch.ones(3))
 
 
@@ -140,8 +107,9 @@ def test_a_checkpoint_of_another_model_shape_is_refused(small_names, tmp_path):
     train(make_config(*TINY, f"data.path={small_names}", "model.n_hidden=20"), tmp_path / "small")
     ckpt = tmp_path / "small" / "checkpoints" / "last.ckpt"
     message = bad_input(tmp_path, f"data.path={small_names}", "model.n_hidden=30", f"ckpt_path={ckpt}")
-    assert f"ckpt_path={ckpt}: is of another model" in message and "(20, 30)" in message and "(30, 30)" in message
-    assert "no such checkpoint" in bad_input(tmp_path, f"data.path={small_names}", f"ckpt_path={tmp_path}/x.ckpt")
+    assert f"ckpt_path={ckpt} was made with another config (model.n_hidden 20 -> 30)" in message
+    assert f"init_from={ckpt}" in message
+    assert "ckpt_path=" in bad_input(tmp_path, f"data.path={small_names}", f"ckpt_path={tmp_path}/x.ckpt")
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def test_real_multirun_with_each_launcher(launcher, small_names, tmp_path):
     assert sorted(statuses) == sorted(f"init={i},norm={n}" for i in ("naive", "scaled", "kaiming")
                                       for n in ("none", "batchnorm"))
     assert all(s["status"] == "completed" for s in statuses.values())
-    assert "6 completed, 0 diverged, 0 failed" in proc.stderr + proc.stdout
+    assert "6 completed, 0 already completed, 0 diverged, 0 failed" in proc.stderr + proc.stdout
 
 
 @pytest.mark.slow
@@ -87,7 +87,7 @@ def test_a_diverging_job_does_not_take_the_sweep_down(small_names, tmp_path):
     assert statuses["optimizer.lr=0.1"]["status"] == "completed"
     assert statuses["optimizer.lr=1e+30"]["status"] == "diverged"
     assert statuses["optimizer.lr=1e+30"]["steps"] <= 20  # stopped within a log interval or two
-    assert "1 completed, 1 diverged, 0 failed" in proc.stderr + proc.stdout
+    assert "1 completed, 0 already completed, 1 diverged, 0 failed" in proc.stderr + proc.stdout
     logged = scalars(tmp_path / "optimizer.lr=1e+30")
     assert "final/steps" in logged
 
@@ -115,8 +115,10 @@ def test_a_failing_job_is_recorded_and_fails_the_sweep_at_the_end(small_names, t
     assert statuses["model.n_hidden=20"]["status"] == "completed"  # the other job still ran
     failed = statuses["model.n_hidden=0"]
     assert failed["status"] == "failed" and "model.n_hidden=0" in failed["error"]
-    assert sorted(p.name for p in (tmp_path / "model.n_hidden=0").iterdir()) == ["status.yaml"]
-    assert "1 completed, 0 diverged, 1 failed" in proc.stderr + proc.stdout
+    # what it leaves: why it failed, for the summary and the report; no event files, no checkpoints
+    assert sorted(p.name for p in (tmp_path / "model.n_hidden=0").iterdir()) == ["attempts.jsonl", "status.yaml",
+                                                                                 "train.log"]
+    assert "1 completed, 0 already completed, 0 diverged, 1 failed" in proc.stderr + proc.stdout
 
 
 @pytest.mark.slow

@@ -51,8 +51,8 @@ def test_run_leaves_losses_hparams_and_checkpoints(small_names, tmp_path):
     assert {"last.ckpt", "best.ckpt"} <= {p.name for p in (tmp_path / "checkpoints").iterdir()}
     status = yaml.safe_load((tmp_path / "status.yaml").read_text())
     assert status["status"] == "completed"
-    hparams = yaml.safe_load((tmp_path / "hparams.yaml").read_text())
-    assert hparams["init"]["_target_"] == "actgrad.init.kaiming"
+    run = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    assert run["run_config"]["init._target_"] == "actgrad.init.kaiming"
 
     # the logged train loss is the mean of the losses of the steps it covers: recompute them
     data, module = build(cfg)
@@ -73,7 +73,7 @@ def test_best_checkpoint_is_the_lowest_val_loss(small_names, tmp_path):
     cfg = make_config(*TINY, "trainer.max_steps=60", "val_every_n_steps=10", f"data.path={small_names}")
     train(cfg, tmp_path)
     val = scalars(tmp_path)["val/loss"]
-    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=False)
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
     best_step = min(val, key=lambda sv: sv[1])[0]
     assert best["global_step"] == best_step
 

@@ -1,52 +1,180 @@
-"""Checkpoints that a kill cannot tear, and finding the one to resume from."""
+"""Checkpoints: written so a kill cannot tear them, read so they cannot run code, and resumed
+only into the run that made them.
 
+A run is defined by its config minus what only changes how it is watched or where it is
+written (cadences, diagnostics, paths, threads): `run_config`. Its hash goes into run.yaml
+(written when a run starts) and into every checkpoint, and an attempt resumes a run dir or a
+`ckpt_path` only when the hashes match. `init_from=<checkpoint>` starts a new run from another
+run's weights instead.
+"""
+
+import hashlib
+import json
 import os
+import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+# Settings that change how a run is watched, written or computed, not what it computes.
+NOT_RUN_DEFINING = {
+    "callbacks", "checkpoints", "ckpt_path", "threads", "jobs_per_gpu", "steps_per_batch", "log_every_n_steps",
+    "val_every_n_steps", "checkpoint_every_n_steps", "lean_optimizer", "compile", "objective", "search",
+    "data.path", "data.cache_dir", "data.url",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.accelerator", "trainer.devices",
+    "trainer.deterministic",
+}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write next to the target, fsync, then rename over it: a kill at any moment leaves either
-    the old checkpoint or the new one, never half of one. (Lightning's own save stages the file
-    in the system temp dir and moves it, which is a copy when that is another filesystem.)"""
+    """Write next to the target under a name of this process's own, fsync, then rename over it:
+    a kill at any moment leaves either the old checkpoint or the new one, never half of one, and
+    a failed write (a full disk) leaves no partial file behind."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return load(path, map_location)
 
 
-def resume_path(ckpt_path, run_dir: Path) -> str | None:
-    """The checkpoint to start from: ckpt_path if given, else this run directory's last.ckpt
-    if an earlier, killed attempt left one (so the same command picks up where it stopped)."""
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if ckpt_path == "last":
-        return str(last)
-    if ckpt_path:
-        return str(ckpt_path)
-    return str(last) if last.is_file() else None
-
-
-def check_compatible(path: str, module) -> int:
-    """The checkpoint's global step, or a one-line ValueError if it cannot be resumed into `module`."""
-    if not Path(path).is_file():
-        raise ValueError(f"ckpt_path={path}: no such checkpoint file")
+def load(path, map_location="cpu", key: str | None = None) -> dict:
+    """A checkpoint's contents, or a one-line ValueError naming `key=path`. Only tensors and plain
+    containers are accepted (weights_only): a checkpoint from someone else cannot run code when loaded."""
+    path = Path(path)
+    name = f"{key}={path}" if key else str(path)
+    if not path.is_file():
+        raise ValueError(f"{name}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{name}: holds objects other than tensors and plain containers; refused, "
+                         "since loading it could run code") from None
     except Exception as e:
-        raise ValueError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__})") from None
-    ours = module.state_dict()
-    theirs = checkpoint.get("state_dict", {})
-    for name, tensor in ours.items():
-        if name not in theirs or theirs[name].shape != tensor.shape:
-            got = tuple(theirs[name].shape) if name in theirs else "nothing"
-            raise ValueError(f"ckpt_path={path}: is of another model: {name} is {got} there, "
-                             f"{tuple(tensor.shape)} in this config")
-    return checkpoint.get("global_step", 0)
+        raise ValueError(f"{name}: not a readable checkpoint ({type(e).__name__})") from None
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_config(cfg: DictConfig, data_sha256: str) -> dict:
+    """The settings that define what a run computes, flat, with the data's digest, not its path."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    kept = {k: v for k, v in flat.items() if not any(k == x or k.startswith(x + ".") for x in NOT_RUN_DEFINING)}
+    return kept | {"data.sha256": data_sha256}
+
+
+def config_hash(run_cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(run_cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def differences(old: dict, new: dict, limit: int = 4) -> str:
+    """`optimizer.lr 0.1 -> 0.01, ...`: the keys whose values differ, for a one-line message."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "(unset)") != new.get(k, "(unset)"))
+    said = [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys[:limit]]
+    return ", ".join(said) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+class Refused(ValueError):
+    """This attempt may not start: the message is one line with the way out."""
+
+
+class AlreadyCompleted(Exception):
+    def __init__(self, status: dict):
+        self.status = status
+
+
+@dataclass
+class Start:
+    """Where an attempt starts: from scratch, or from a checkpoint of the same run."""
+
+    ckpt_path: str | None = None
+    step: int = 0
+    init_weights: dict | None = None  # init_from: another run's weights, fresh optimizer, step 0
+    record: dict = field(default_factory=dict)  # {"config_hash", "run_config"} of this run
+
+
+def check_same_run(found: dict | None, ours: dict, where: str, hint_ckpt: str | None) -> None:
+    """Refuse, in one line naming the differing settings and the ways out, unless `found` is this run."""
+    way_out = "give another hydra.run.dir (hydra.sweep.dir in a sweep)"
+    if hint_ckpt:
+        way_out += f", or start a new run from its weights with init_from={hint_ckpt}"
+    if found is None or "config_hash" not in found:
+        raise Refused(f"{where} has no record of the config that made it (written by an older actgrad): "
+                      f"it cannot be resumed safely; {way_out}")
+    if found["config_hash"] != ours["config_hash"]:
+        diff = differences(found.get("run_config", {}), ours["run_config"])
+        raise Refused(f"{where} was made with another config ({diff}); {way_out}")
+
+
+def plan_start(run_dir: Path, cfg: DictConfig, record: dict, status: dict | None, run_yaml: dict | None) -> Start:
+    """Decide where this attempt starts, or raise Refused / AlreadyCompleted. Nothing is written."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if run_yaml is not None:
+        check_same_run(run_yaml, record, f"{run_dir} (run.yaml)", str(last) if last.is_file() else None)
+        if status and status.get("status") == "completed" and not cfg.ckpt_path:
+            raise AlreadyCompleted(status)
+    start = Start(record=record)
+    path = cfg.ckpt_path or (str(last) if last.is_file() else None)
+    if path:
+        checkpoint = load(path, key="ckpt_path" if cfg.ckpt_path else None)
+        check_same_run(checkpoint.get("actgrad"), record, f"ckpt_path={path}" if cfg.ckpt_path else str(path), path)
+        start.ckpt_path, start.step = str(path), int(checkpoint.get("global_step", 0))
+    if cfg.get("init_from") and not start.ckpt_path:
+        start.init_weights = load(cfg.init_from, key="init_from").get("state_dict", {})
+    return start
+
+
+def check_shapes(state: dict, module, source: str) -> None:
+    """One line if a state dict does not fit the module (init_from of another model)."""
+    for name, tensor in module.state_dict().items():
+        if name not in state or state[name].shape != tensor.shape:
+            got = tuple(state[name].shape) if name in state else "nothing"
+            raise Refused(f"init_from={source}: is of another model: {name} is {got} there, "
+                          f"{tuple(tensor.shape)} in this config")
+
+
+class LastCheckpoint(Callback):
+    """checkpoints/last.ckpt every `every_n_steps` optimizer steps and when training ends, however
+    it ends (max_steps, a signal): what a killed or stopped run resumes from, and the final weights.
+    (Lightning's ModelCheckpoint saves on a cadence but not when training stops between two.)"""
+
+    def __init__(self, dirpath, every_n_steps: int = 50000):
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"checkpoint_every_n_steps={every_n_steps!r}: must be a positive whole number")
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+        self.saved_at = None
+
+    def save(self, trainer):
+        if self.saved_at != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+            self.saved_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self.save(trainer)

@@ -4,13 +4,19 @@ Nothing here imports torch or Lightning, so train.py can check its command line,
 sweep's parent process can launch its jobs, without the ~4 s that importing them takes.
 """
 
+import difflib
 import math
-import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_dir
+from hydra.core.config_loader import ConfigLoader
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType, ValueType
+from hydra.errors import InstantiationException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -25,33 +31,243 @@ def check_config(cfg: DictConfig) -> None:
         "steps_per_batch": cfg.steps_per_batch,
         "log_every_n_steps": cfg.log_every_n_steps,
         "val_every_n_steps": cfg.val_every_n_steps,
+        "checkpoint_every_n_steps": cfg.checkpoint_every_n_steps,
     }
     for key, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
             raise ConfigError(f"{key}={value!r}: must be a number > 0")
-    for key in ("log_every_n_steps", "val_every_n_steps"):
-        if cfg[key] % cfg.steps_per_batch:
-            raise ConfigError(
-                f"{key}={cfg[key]}: must be a multiple of steps_per_batch={cfg.steps_per_batch} "
-                "(the loop hands control back to Lightning only between batches)"
-            )
 
 
-def check_choices(args: list[str], conf_dir: Path) -> None:
-    """`init=foo` on the command line: name the bad choice and the accepted ones, in one line.
+# Hydra's command-line flags. Its parser (hydra/_internal/utils.py) is not public, hence this list.
+PLAIN_FLAGS = {"-m", "--multirun", "-r", "--run", "--resolve"}
+VALUE_FLAGS = {"-c", "--cfg", "-p", "--package"}
+INFO_FLAGS = {"-i", "--info"}  # an optional topic follows
+INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+MODE_FLAGS = {"-r": "run", "--run": "run", "-m": "multirun", "--multirun": "multirun", "-c": "cfg", "--cfg": "cfg",
+              "-i": "info", "--info": "info"}  # one at a time
+# Defaults of one type among several their target takes: Lightning's devices is 1, [0, 1] or "auto".
+ANY_TYPE = {"trainer.devices"}
 
-    (Hydra would say it too, in fifteen lines with its search path.) Only plain values and
-    comma lists are checked; sweep functions like glob() or choice() are left to Hydra.
+
+def check_overrides(args: list[str], conf_dir: Path) -> None:
+    """Name a bad override and what is accepted, in one line, where Hydra would print a dozen.
+
+    Hydra itself parses the overrides and composes the config, so what Hydra accepts passes. A sweep
+    (-m) is composed once for each value of each swept key, the other keys at their first value.
     """
-    for arg in args:
-        group, _, values = arg.partition("=")
-        folder = conf_dir / group
-        if not values or "(" in values or group.startswith(("hydra", "+", "~")) or not folder.is_dir():
-            continue
-        accepted = sorted(p.stem for p in folder.glob("*.yaml"))
-        for value in values.strip("[]").split(","):  # init=a,b (a sweep) or callbacks=[a,b] (a list)
-            if value not in accepted:
-                raise ConfigError(f"{group}={value}: unknown {group}; accepted: {', '.join(accepted)}")
+    split = split_args(args)
+    if not split or not split[0]:
+        return  # no overrides; or another config, a rerun, help, a flag we do not know: left to Hydra
+    overrides, multirun = split
+    with initialize_config_dir(config_dir=str(Path(conf_dir).absolute()), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        parser = OverridesParser.create(config_loader=loader)
+        parsed = [parse(parser, arg) for arg in overrides]
+        multirun = multirun or any(o.key_or_group == "hydra.mode" and o.value() == "MULTIRUN" for o in parsed)
+        lines = [sweep_lines(o, multirun) for o in parsed]
+        left_to_sweeper = [o for o, values in zip(parsed, lines) if not values]
+        composer = Composer(loader)
+        for n, job in enumerate(jobs([values for values in lines if values])):
+            composer.check([parse(parser, line) for line in job], keys_only=left_to_sweeper if n == 0 else [])
+
+
+def split_args(args: list[str]) -> tuple[list[str], bool] | None:
+    """(overrides, multirun), or None when a flag hands the whole command line to Hydra."""
+    modes = {MODE_FLAGS[a.partition("=")[0]]: a for a in args if a.partition("=")[0] in MODE_FLAGS}
+    if len(modes) > 1:  # Hydra would stop with a traceback
+        raise ConfigError(f"{' and '.join(modes.values())}: give only one of --run, --multirun, --cfg, --info")
+    overrides, multirun, i = [], False, 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, _ = arg.partition("=")
+        if not arg.startswith("-"):
+            overrides.append(arg)
+        elif flag in PLAIN_FLAGS:
+            multirun = multirun or flag in ("-m", "--multirun")
+        elif flag in VALUE_FLAGS:
+            i += not eq  # --cfg job: job is the flag's, not an override
+        elif flag in INFO_FLAGS:
+            i += not eq and i + 1 < len(args) and args[i + 1] in INFO_TOPICS
+        else:
+            return None  # --config-name, --config-dir, --experimental-rerun, --help, a typo...
+        i += 1
+    return overrides, multirun
+
+
+def parse(parser: OverridesParser, arg: str) -> Override:
+    try:
+        return parser.parse_overrides([arg])[0]
+    except OverrideParseException as e:
+        raise ConfigError(f"{arg}: cannot parse: {parse_error(arg, e.message)}") from None
+
+
+def parse_error(arg: str, message: str) -> str:
+    """The reason in Hydra's parse error: its lines are a header, the reason (or the input with a caret
+    under the bad character), and a link."""
+    lines = message.splitlines()
+    for line, caret in zip(lines, lines[1:]):
+        if line.startswith("LexerNoViableAltException: "):
+            at = caret.find("^") - len("LexerNoViableAltException: ")
+            return f"unexpected {arg[at]!r} at character {at + 1}" if 0 <= at < len(arg) else "unexpected character"
+    noise = ("Error parsing override", "See http")
+    reasons = [line.strip() for line in lines if line.strip() and not line.startswith(noise)]
+    return "; ".join(reasons) or "expected key=value"
+
+
+def sweep_lines(override: Override, multirun: bool) -> list[str]:
+    """The overrides a sweep stands for, one per value; [] for one left to the sweeper (Optuna's interval)."""
+    if not override.is_sweep_override():
+        return [override.input_line]
+    if not multirun:
+        hint = "; a list is written [a,b]" if override.value_type == ValueType.SIMPLE_CHOICE_SWEEP else ""
+        raise ConfigError(f"{override.input_line}: a sweep needs -m (--multirun){hint}")
+    if override.is_interval_sweep():
+        return []
+    return [f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()]
+
+
+def jobs(values: list[list[str]]) -> list[list[str]]:
+    """Jobs in which each value of each key appears at least once: not the whole grid, which grows as a product."""
+    first = [v[0] for v in values]
+    return [first] + [first[:i] + [other] + first[i + 1 :] for i, v in enumerate(values) for other in v[1:]]
+
+
+class Composer:
+    """Checks each job's overrides against the config Hydra composes for them (the defaults of its
+    settings composed once for all jobs that choose the same options)."""
+
+    def __init__(self, loader: ConfigLoader):
+        self.loader = loader
+        self.bases = {}  # configs composed without a job's settings, by their overrides
+
+    def check(self, job: list[Override], keys_only: list[Override]) -> None:
+        """Options of groups, then settings: the key exists and the value has its default's type."""
+        options = {o.key_or_group: self.loader.get_group_options(o.key_or_group) for o in job + keys_only}
+        # a setting changes a value; a dict given to a group (init={gain:2}) is merged into its config
+        settings = [o for o in job if o.type == OverrideType.CHANGE
+                    and (not options[o.key_or_group] or isinstance(o.value(), dict))]
+        choices = [o for o in job if options[o.key_or_group] and o not in settings
+                   and o.type in (OverrideType.CHANGE, OverrideType.ADD)]  # ~group, ++group: Hydra's to judge
+        for o in choices:
+            check_choice(o, options[o.key_or_group])
+        defaults = self.compose_base([o.input_line for o in job if o not in settings])
+        for o in settings:
+            check_setting(o, defaults)
+        for o in keys_only:
+            if not options[o.key_or_group]:
+                find(o, defaults)
+        if settings:
+            compose_config([o.input_line for o in job])
+
+    def compose_base(self, lines: list[str]) -> dict:
+        if tuple(lines) not in self.bases:
+            # unresolved: resolving runs resolvers, and fresh_dir creates the run's directory
+            self.bases[tuple(lines)] = OmegaConf.to_container(compose_config(lines), resolve=False)
+        return self.bases[tuple(lines)]
+
+
+def compose_config(lines: list[str]) -> DictConfig:
+    try:
+        return compose(config_name="config", overrides=lines, return_hydra_config=True)
+    except Exception as e:  # Hydra's, OmegaConf's, or a ValueError (norm=null)
+        raise ConfigError(first_line(e)) from None
+
+
+def first_line(error: BaseException) -> str:
+    """Hydra's errors run to a dozen lines (the options, the search path, a hint); the first says what is
+    wrong, and the first of its cause why ("Error merging override x=y: Value 'y' is not a valid bool")."""
+    firsts = [next((line.strip().rstrip(".") for line in str(e).splitlines() if line.strip()), "")
+              for e in (error, error.__cause__) if e]
+    return ": ".join(line for line in firsts if line) or type(error).__name__
+
+
+def check_choice(override: Override, options: list[str]) -> None:
+    """init=foo, callbacks=[default,foo]: each option must be a config of the group."""
+    line, group, value = override.input_line, override.key_or_group, override.value()
+    accepted = f"accepted: {', '.join(options)}"
+    if value is None:  # Hydra would stop with a traceback
+        raise ConfigError(f"{line}: a config group takes one of its options, not null; {accepted}")
+    if value == "":
+        raise ConfigError(f"{line}: needs a value; {accepted}")
+    for option in value if isinstance(value, list) else [value]:
+        if option not in options:
+            raise ConfigError(f"{override.get_key_element()}={option}: unknown {group}; {accepted}")
+
+
+def check_setting(override: Override, defaults: dict) -> None:
+    """optimizer.lr=fast: the key must exist, and the value have the type of its default."""
+    key, value = override.key_or_group, override.value()
+    default = find(override, defaults)
+    if key in ANY_TYPE or override.is_hydra_override():
+        return  # Hydra's own settings are typed: composing checks them
+    expected = expected_type(default, value)
+    if expected:
+        raise ConfigError(f"{key}={show(value)}: expected {expected}")
+
+
+def find(override: Override, defaults: dict) -> Any:
+    """The default of the override's key; a ConfigError naming the nearest keys when there is none."""
+    node = defaults
+    for part in override.key_or_group.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise ConfigError(no_such_setting(override, defaults))
+    return node
+
+
+def no_such_setting(override: Override, defaults: dict) -> str:
+    """A guess at the key meant, else the keys there are where the path stops matching."""
+    key = override.key_or_group
+    parent, node = "", defaults
+    for part in key.split(".")[:-1]:
+        if not isinstance(node.get(part), dict):
+            break
+        parent, node = f"{parent}.{part}".lstrip("."), node[part]
+    rest, prefix = key[len(parent) :].lstrip("."), f"{parent}." if parent else ""
+    if "." not in rest:  # a typo in the last part: trainer.max_step
+        guesses = [prefix + k for k in difflib.get_close_matches(rest, [str(k) for k in node], n=1)]
+    else:  # a typo further up: optimzer.lr
+        same_depth = [k for k in flat_keys(defaults) if k.count(".") == key.count(".")]
+        guesses = difflib.get_close_matches(key, same_depth, n=1)
+    guesses = guesses or [k for k in flat_keys(defaults) if k.endswith("." + key)][:3]  # lr: optimizer.lr
+    if guesses:
+        return f"{override.input_line}: no such setting; did you mean {' or '.join(guesses)}?"
+    where = f"{parent} has" if parent else "top-level keys are"
+    return f"{override.input_line}: no such setting; {where}: {', '.join(sorted(node, key=lambda k: k == 'hydra'))}"
+
+
+def flat_keys(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        yield prefix + str(key)
+        if isinstance(value, dict):
+            yield from flat_keys(value, f"{prefix}{key}.")
+
+
+def expected_type(default: Any, value: Any) -> str | None:
+    """What `value` must be to replace `default`, or None when it fits. A null or a string default takes
+    anything, and an interpolation is left to OmegaConf."""
+    if isinstance(value, str) and "${" in value:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if number and isinstance(value, int) else "an integer"
+    if isinstance(default, float):
+        return None if number else "a number"
+    if isinstance(default, list):
+        return None if isinstance(value, list) else "a list like [a,b]"
+    return None
+
+
+def show(value: Any) -> str:
+    """A value as one would type it: 'abc', 1.5, null, true."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)
 
 
 def check_writable(args: list[str], default: str = "outputs") -> None:
@@ -76,12 +292,3 @@ def explain(error: Exception) -> str | None:
     if isinstance(error, (ValueError, TypeError)):
         return str(error).splitlines()[0] if str(error) else type(error).__name__
     return None
-
-
-def remove_run_dir(run_dir: Path) -> None:
-    """A run that never started leaves nothing behind: its directory, and its parent if now empty."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    try:
-        Path(run_dir).parent.rmdir()  # only succeeds when empty
-    except OSError:
-        pass

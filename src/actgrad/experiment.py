@@ -1,21 +1,35 @@
-"""From a composed Hydra config to a trained, logged run: `train(cfg)`, plain and testable."""
+"""From a composed Hydra config to a trained, logged run: `train(cfg, run_dir)`, plain and testable.
+
+An attempt at a run goes: take the run dir's lock; check the settings, the data and what the
+dir already holds (same run? completed?) without writing anything; then train, resuming from
+the run's last checkpoint if it has one; then write the status. An attempt that is refused
+removes only what it created itself.
+"""
 
 import logging
+import math
+import os
+import signal
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from actgrad import sweep  # noqa: F401  (registers the resolvers conf/config.yaml uses)
 from actgrad.checks import ConfigError, check_config, explain
-from actgrad.checkpoint import AtomicCheckpointIO, check_compatible, resume_path
+from actgrad.checkpoint import AlreadyCompleted, AtomicCheckpointIO, check_shapes, config_hash, plan_start, run_config
 from actgrad.diagnostic import write_scalars
 from actgrad.module import Diverged, LanguageModel
+from actgrad.rundir import Busy, RunDir
+from actgrad.stop import STOP_FILE, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +38,10 @@ log = logging.getLogger(__name__)
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")  # we save after steps, on purpose
+warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # a resumed run's checkpoints dir
+
+DIVERGED_AT = 1e4  # x ln(V): a finite loss this far above the uniform baseline counts as diverged
 
 
 def build(cfg: DictConfig):
@@ -41,8 +59,10 @@ def build(cfg: DictConfig):
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         log_every_n_steps=cfg.log_every_n_steps,
+        val_every_n_steps=cfg.val_every_n_steps,
         lean_optimizer=cfg.lean_optimizer,
         config=OmegaConf.to_container(cfg, resolve=True),
+        diverge_above=DIVERGED_AT * math.log(data.vocab_size),
     )
     return data, module
 
@@ -57,64 +77,176 @@ def flat(d: dict, prefix="") -> dict:
     return out
 
 
-def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
+def prepare(cfg: DictConfig, run: RunDir):
+    """Everything that can refuse the attempt, before anything is written: (data, module, start)."""
+    check_config(cfg)
+    data, module = build(cfg)
+    record = run_config(cfg, data.describe()["sha256"])
+    module.record = {"config_hash": config_hash(record), "run_config": record}
+    start = plan_start(run.path, cfg, module.record, run.status(), run.read_yaml("run.yaml"))
+    if start.init_weights is not None:
+        check_shapes(start.init_weights, module, cfg.init_from)
+        module.load_state_dict(start.init_weights)
+    return data, module, start
+
+
+def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), record_refusal: bool = False) -> dict:
     """Train one run into run_dir and return its final losses and status.
 
-    Bad settings or data raise ConfigError, with a one-line message, before anything is
-    written. A run that diverges or crashes returns status 'diverged' or 'failed' (with the
-    error), recorded in run_dir/status.yaml and in TensorBoard (TEXT and the HPARAMS status).
+    Bad settings or data, a busy run dir or a run dir holding another run raise ConfigError
+    with a one-line message; the attempt then leaves nothing of its own behind (in a sweep,
+    `record_refusal`, it leaves its status for the sweep's summary). A run that diverges,
+    crashes or is stopped by a signal returns status 'diverged', 'failed' or 'interrupted',
+    recorded in run_dir/status.yaml and in TensorBoard.
     """
-    run_dir = Path(run_dir)
+    stop_file = sweep_stop_file()
+    if stop_file and os.path.exists(stop_file):  # the sweep was interrupted before this job began
+        log.warning("%s: not started, the sweep is stopping", run_dir)
+        return {"status": "interrupted", "steps": 0, "signal": "SIGTERM", "error": "not started"}
+    run = RunDir(run_dir)
     try:
-        check_config(cfg)
-        data, module = build(cfg)
-        callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-        callbacks += [instantiate(c, dirpath=str(run_dir / "checkpoints")) for c in cfg.checkpoints.values()]
-        callbacks.extend(extra_callbacks)
-        trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                              val_check_interval=cfg.val_every_n_steps // cfg.steps_per_batch)
-        ckpt_path = resume_path(cfg.ckpt_path, run_dir)
-        resume_step = check_compatible(ckpt_path, module) if ckpt_path else 0
+        run.lock()
+    except Busy as e:
+        raise ConfigError(str(e)) from None  # the dir is another attempt's: touch nothing
+    try:
+        data, module, start = prepare(cfg, run)
+    except AlreadyCompleted as done:
+        run.unlock()
+        run.log_attempt({"outcome": "already completed"})
+        log.info("%s: already completed at step %s; nothing to do (give another hydra.run.dir to train again)",
+                 run.path, done.status.get("steps"))
+        return done.status | {"skipped": True}
     except Exception as e:
         message = explain(e)
-        if message is None:
+        if message is None:  # a programming error: keep its traceback, and the dir for debugging
+            run.unlock()
             raise
+        refuse(run, message, record_refusal)
         raise ConfigError(message) from e
+    try:
+        return fit(cfg, run, data, module, start, extra_callbacks)
+    finally:
+        run.unlock()
+
+
+def refuse(run: RunDir, message: str, record: bool) -> None:
+    run.discard()
+    if record:  # a sweep's job: the summary reads why; a run already there keeps its own status
+        if run.status() is None:
+            run.write_status({"status": "failed", "error": message})
+        run.log_attempt({"outcome": "failed", "error": message})
+
+
+def save_hydra_record(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra's .hydra/ record (config, hydra, overrides), written once the attempt is accepted:
+    Hydra itself would write it before we could refuse (conf/config.yaml sets output_subdir null)."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    folder.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
+
+
+def sweep_stop_file() -> str | None:
+    """In a sweep, the file whose existence asks every job to stop (see actgrad.stop)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        return str(Path(HydraConfig.get().sweep.dir) / STOP_FILE)
+    return None
+
+
+def fit(cfg, run: RunDir, data, module, start, extra_callbacks) -> dict:
+    if not (run.path / "run.yaml").is_file():
+        run.write_yaml("run.yaml", module.record)
+    save_hydra_record(cfg, run.path)
+    for torn in run.path.glob("checkpoints/.*.partial"):  # an earlier attempt of this run killed mid-write
+        torn.unlink()
+    run.write_status({"status": "training", "pid": os.getpid(), "from_step": start.step})
+    run.log_attempt({"outcome": "started", "from_step": start.step})
+
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    callbacks += [instantiate(c, dirpath=str(run.path / "checkpoints")) for c in cfg.checkpoints.values()]
+    callbacks.extend(extra_callbacks)
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # preemption is ours to handle (stop.py): Lightning's requeue would save
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # mid-chunk into the working dir
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, plugins=plugins)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data.steps_per_batch, data.max_steps, data.seed = cfg.steps_per_batch, cfg.trainer.max_steps, cfg.seed
-    # purge_step: TensorBoard hides what a killed attempt logged after the checkpoint we resume from
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False,
-                               purge_step=resume_step + 1 if resume_step else None)
+    data.cadences = (cfg.log_every_n_steps, cfg.val_every_n_steps, cfg.checkpoint_every_n_steps)
+    # purge_step: TensorBoard (and its EventAccumulator) drop what an earlier attempt logged from
+    # this step on; what was logged at this very step before the checkpoint is written again.
+    logger = TensorBoardLogger(save_dir=str(run.path), name="", version="", default_hp_metric=False,
+                               purge_step=start.step if run.has_events() else None)
     trainer.loggers = [logger]
-    if ckpt_path:
-        log.info("resuming from %s (step %d)", ckpt_path, resume_step)
+    module.stop = StopRequest(sweep_stop_file())
+    if start.ckpt_path:
+        log.info("resuming from %s (step %d)", start.ckpt_path, start.step)
+    log.info("training %s steps on %s into %s", cfg.trainer.max_steps, trainer.strategy.root_device, run.path)
 
-    log.info("training %s steps on %s into %s", cfg.trainer.max_steps, trainer.strategy.root_device, run_dir)
     results = {"status": "completed"}
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=start.ckpt_path)
     except Diverged as e:  # a result, not a crash: the sweep goes on and reports it
         log.error("%s", e)
         results = {"status": "diverged", "error": str(e)}
+    except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C (Lightning turns it into SystemExit)
+        run.write_status({"status": "interrupted", "steps": trainer.global_step, "signal": "SIGINT",
+                          "error": "stopped at once by a second Ctrl-C; resumes from the last checkpoint"})
+        run.log_attempt({"outcome": "interrupted", "steps": trainer.global_step})
+        raise SystemExit(128 + signal.SIGINT) from None
+    except OSError as e:  # a full disk, a file-size limit, a vanished directory: say it in one line
+        log.error("run failed: %s", e)
+        results = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     except Exception as e:  # one crashed job must not take a sweep down: record it, say it, move on
         log.exception("run failed")
         results = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     results["steps"] = trainer.global_step
+    if module.stop.signum is not None and results["status"] == "completed" and trainer.global_step < cfg.trainer.max_steps:
+        results = {"status": "interrupted", "steps": trainer.global_step, "signal": signal.Signals(module.stop.signum).name}
     if results["status"] == "completed":
-        losses = {split: module.evaluate(*data.splits[split]) for split in ("train", "val", "test")}
-        end = {"test/loss": losses["test"]}
-        if trainer.global_step % cfg.val_every_n_steps:  # the loop validated at every multiple already
-            end["val/loss"] = losses["val"]
-        write_scalars(trainer, end, trainer.global_step)
-        results.update({f"final/{split}_loss": float(loss) for split, loss in losses.items()})
-
-    hparams = flat(OmegaConf.to_container(cfg, resolve=True)) | flat(data.describe(), "dataset.")
-    hparams["status"] = results["status"]
-    logger.log_hyperparams(hparams, metrics={"final/steps": results["steps"]} | {
-        k: v for k, v in results.items() if k.startswith("final/")})
-    logger.experiment.add_text("status", yaml.safe_dump(results, sort_keys=False), results["steps"])
-    logger.finalize(results["status"])
-    (run_dir / "status.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
+        finish(cfg, trainer, module, data, results)
+    if results["status"] != "failed" or not results["error"].startswith("OSError"):  # a disk that failed once is
+        write_end(trainer, logger, cfg, data, results)                                  # not written to again
+    run.write_status(results)
+    run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
+                     "signal": results.get("signal")})
     log.info("%s", ", ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in results.items()))
+    module.stop.hand_over()  # under SLURM, preempted: submitit requeues the job and exits here
     return results
+
+
+def finish(cfg, trainer, module, data, results) -> None:
+    """The final losses on every split, written at the final step."""
+    losses = {split: module.evaluate(*data.splits[split]) for split in ("train", "val", "test")}
+    end = {"test/loss": losses["test"]}
+    if trainer.global_step % cfg.val_every_n_steps:  # the loop validated at every multiple already
+        end["val/loss"] = losses["val"]
+    try:
+        write_scalars(trainer, end, trainer.global_step)
+    except OSError as e:
+        results.update(status="failed", error=f"{type(e).__name__}: {e}")
+        return
+    results.update({f"final/{split}_loss": float(loss) for split, loss in losses.items()})
+
+
+def write_end(trainer, logger, cfg, data, results: dict) -> None:
+    """The run's end in TensorBoard: final values at the final step, the hyperparameters, the status.
+    An interrupted run writes only its status: the attempt that resumes it purges from this step."""
+    step = results["steps"]
+    try:
+        if results["status"] != "interrupted":
+            finals = {k: v for k, v in results.items() if k.startswith("final/")} | {"final/steps": step}
+            write_scalars(trainer, finals, step)
+            hparams = flat(OmegaConf.to_container(cfg, resolve=True)) | flat(data.describe(), "dataset.")
+            # torch's summary.hparams, written into the run's own file: Lightning's log_hyperparams would
+            # also write the metrics at step 0, and SummaryWriter.add_hparams into a new run of its own
+            for summary in hparams_summary(hparams | {"status": results["status"]}, dict.fromkeys(finals, 0.0)):
+                logger.experiment.file_writer.add_summary(summary)
+        logger.experiment.add_text("status", yaml.safe_dump(results, sort_keys=False), step)
+        logger.finalize(results["status"])
+    except OSError as e:
+        log.error("could not write the run's end to TensorBoard: %s", e)

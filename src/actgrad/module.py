@@ -27,16 +27,21 @@ class Diverged(RuntimeError):
 
 
 class LanguageModel(L.LightningModule):
-    def __init__(self, net, optimizer, scheduler=None, log_every_n_steps=100, lean_optimizer=True, config=None):
+    def __init__(self, net, optimizer, scheduler=None, log_every_n_steps=100, val_every_n_steps=5000,
+                 lean_optimizer=True, config=None, diverge_above=math.inf, record=None, stop=None):
         super().__init__()
         self.net = net
         self.make_optimizer = optimizer  # partials from Hydra: this module never knows which optimizer
         self.make_scheduler = scheduler
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps, self.val_every_n_steps = log_every_n_steps, val_every_n_steps
         self.lean_optimizer = lean_optimizer
         self.automatic_optimization = False
+        self.diverge_above = diverge_above  # a finite loss this high has diverged too (1e4 x ln(V) by default)
+        self.record = record or {}  # the run's config hash, stored in every checkpoint (see checkpoint.py)
+        self.stop = stop  # a StopRequest: checked between chunks of steps
         self.diverged_at = None
         self._losses = []  # per-step losses on the device since the last write: no host sync per step
+        self.written = (None, {})  # (step, scalars) last written by the loop: a resume writes them again
         if config is not None:
             self.save_hyperparameters(config)  # stored in checkpoints, so a run can be rebuilt from one
 
@@ -53,7 +58,26 @@ class LanguageModel(L.LightningModule):
         self.diagnostics = [cb for cb in self.trainer.callbacks if isinstance(cb, Diagnostic)]
 
     def on_train_start(self):
-        self._losses = []
+        step, scalars = self.written
+        if step is not None and step == self.global_step:  # resumed: what was written at this step before
+            write_scalars(self.trainer, scalars, step)      # the checkpoint, as the purge removed it
+        if self.stop is not None:
+            self.stop.install()  # after Lightning's own handlers, which would end fit with an exception
+
+    def on_train_end(self):
+        if self.stop is not None:
+            self.stop.restore()
+
+    def on_save_checkpoint(self, checkpoint):
+        step, scalars = self.written
+        checkpoint["actgrad"] = {**self.record, "pending_losses": [float(l) for l in self._losses],
+                                 "written_step": step if step is not None else -1,
+                                 "written": {k: float(v) for k, v in scalars.items()}}
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("actgrad", {})
+        self._losses = [torch.tensor(l, device=self.device) for l in state.get("pending_losses", [])]
+        self.written = (state.get("written_step", -1), state.get("written", {}))
 
     def training_step(self, batch, batch_idx):
         xs, ys = batch
@@ -83,6 +107,22 @@ class LanguageModel(L.LightningModule):
             self._losses.append(loss.detach())
         count_optimizer_steps(self.trainer, len(xs))
         self._write_train_loss()
+        if self.global_step % self.val_every_n_steps == 0:
+            self._validate()
+        if self.stop is not None and self.stop.requested():
+            self.trainer.should_stop = True  # Lightning ends the loop after this batch; last.ckpt is saved then
+
+    def _validate(self):
+        """val/loss on the whole validation split, at multiples of val_every_n_steps whatever the resume step."""
+        loss = self.evaluate(*self.trainer.datamodule.splits["val"])
+        self.log("val/loss", loss, logger=False, batch_size=1)  # for the best checkpoint's monitor
+        self._write({"val/loss": loss}, self.global_step)
+
+    def _write(self, scalars: dict, step: int) -> dict:
+        written = write_scalars(self.trainer, scalars, step)
+        previous = self.written[1] if self.written[0] == step else {}
+        self.written = (step, previous | written)
+        return written
 
     def _write_train_loss(self):
         """Write the mean loss of every whole `log_every_n_steps` interval that has just ended."""
@@ -95,10 +135,12 @@ class LanguageModel(L.LightningModule):
         lr = self.optimizers().optimizer.param_groups[0]["lr"]
         for end in ends:
             mean = losses[max(end - n, first) - first : end - first].mean()
-            written = write_scalars(self.trainer, {"train/loss": mean, "lr": lr}, end)
-            if not math.isfinite(written["train/loss"]):
+            written = self._write({"train/loss": mean, "lr": lr}, end)
+            loss = written["train/loss"]
+            if not math.isfinite(loss) or loss > self.diverge_above:
                 self.diverged_at = end
-                raise Diverged(f"train/loss is {written['train/loss']} at step {end}: the run diverged")
+                raise Diverged(f"train/loss is {loss:.4g} at step {end}: the run diverged"
+                               + ("" if not math.isfinite(loss) else f" (above {self.diverge_above:.4g})"))
         self._losses = self._losses[ends[-1] - first :]
 
     @torch.no_grad()
@@ -106,20 +148,11 @@ class LanguageModel(L.LightningModule):
         """Mean loss over a whole split, in eval mode (BatchNorm uses its running statistics)."""
         was_training = self.net.training
         self.net.eval()
-        x, y = x.to(self.device), y.to(self.device)
-        total = sum(F.cross_entropy(self.net(xc), yc, reduction="sum") for xc, yc in zip(x.split(chunk), y.split(chunk)))
+        # chunk by chunk: the split is stored in a compact integer type, the model takes int64
+        total = sum(F.cross_entropy(self.net(xc.to(self.device).long()), yc.to(self.device).long(), reduction="sum")
+                    for xc, yc in zip(x.split(chunk), y.split(chunk)))
         self.net.train(was_training)
         return total / len(y)
-
-    def validation_step(self, batch, batch_idx):
-        loss = self.evaluate(*batch)
-        self.log("val/loss", loss, logger=False)  # for ModelCheckpoint; TensorBoard gets it at the real step
-        write_scalars(self.trainer, {"val/loss": loss}, self.global_step)
-
-    def test_step(self, batch, batch_idx):
-        loss = self.evaluate(*batch)
-        self.log("test/loss", loss, logger=False)
-        write_scalars(self.trainer, {"test/loss": loss}, self.global_step)
 
 
 def count_optimizer_steps(trainer, n: int) -> None:

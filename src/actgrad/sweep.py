@@ -5,10 +5,13 @@ gets, and a summary when it ends.
 module registers them (actgrad.experiment imports it, so every launcher's worker has them).
 """
 
+import datetime
 import itertools
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -16,6 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
+
+from actgrad.rundir import last_attempt
+from actgrad.stop import STOP_FILE
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +84,57 @@ def read_statuses(sweep_dir: Path) -> dict[str, dict]:
             for p in sorted(Path(sweep_dir).glob("**/status.yaml"))}
 
 
+def attempts_since(sweep_dir: Path, started: str) -> dict[str, dict]:
+    """Each job's newest attempt made since `started` (ISO time): what this sweep did to it."""
+    found = {}
+    for path in sorted(Path(sweep_dir).glob("**/attempts.jsonl")):
+        attempt = last_attempt(path.parent)
+        if attempt and attempt["started"] >= started:
+            found[str(path.parent.relative_to(sweep_dir))] = attempt
+    return found
+
+
 class SweepSummary(Callback):
-    """At the end of a sweep: how many jobs completed, diverged and failed; exit status 1 if any failed."""
+    """A sweep's start and end in its parent process.
+
+    Interrupted (Ctrl-C, SIGTERM): the jobs are asked to stop at their next step boundary, save
+    and record `interrupted` (the stop file, see actgrad.stop); a second Ctrl-C stops at once.
+    At the end: how many jobs completed, were skipped (already completed), diverged, failed or
+    were interrupted, and the command that resumes the sweep. Exit status 1 if any failed,
+    128 + the signal if interrupted.
+    """
+
+    def on_multirun_start(self, config, **kwargs):
+        self.started = datetime.datetime.now().isoformat(timespec="seconds")
+        self.stop_file = Path(config.hydra.sweep.dir) / STOP_FILE
+        self.signum = None
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, self.interrupt)
+
+    def interrupt(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.signum = signum
+        self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        self.stop_file.touch()
+        log.warning("%s: asking every running job to stop at its next step and save (Ctrl-C again to stop at once)",
+                    signal.Signals(signum).name)
 
     def on_multirun_end(self, config, **kwargs):
-        statuses = read_statuses(Path(config.hydra.sweep.dir))
-        counts = {s: sum(1 for r in statuses.values() if r.get("status") == s) for s in ("completed", "diverged", "failed")}
-        log.info("sweep %s: %s", config.hydra.sweep.dir, ", ".join(f"{n} {s}" for s, n in counts.items()))
-        for name, result in statuses.items():
-            if result.get("status") != "completed":
-                log.info("  %s: %s %s", name, result.get("status"), result.get("error", ""))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self.stop_file.unlink(missing_ok=True)
+        attempts = attempts_since(sweep_dir, self.started)
+        outcomes = ("completed", "already completed", "diverged", "failed", "interrupted")
+        counts = {s: sum(1 for a in attempts.values() if a.get("outcome") == s) for s in outcomes}
+        log.info("sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "interrupted"))
+        for name, attempt in attempts.items():
+            if attempt.get("outcome") not in ("completed", "already completed"):
+                log.info("  %s: %s at step %s %s", name, attempt.get("outcome"), attempt.get("steps"), attempt.get("error") or "")
+        if counts["interrupted"] or self.signum is not None:
+            log.info("resume the sweep with the same command and hydra.sweep.dir=%s", sweep_dir)
+            names = [a.get("signal") for a in attempts.values() if a.get("signal")]
+            sys.exit(128 + (self.signum or signal.Signals[names[0] if names else "SIGTERM"]))
         if counts["failed"]:
             sys.exit(1)
 

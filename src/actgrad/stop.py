@@ -1,0 +1,66 @@
+"""Stopping cleanly: SIGTERM (schedulers) and Ctrl-C ask a run to stop at the next step boundary,
+where it saves last.ckpt and writes its status; a second Ctrl-C stops at once.
+
+A sweep's parent process cannot reach into its jobs, so when it is interrupted it creates a
+stop file in the sweep dir that every job checks at its step boundaries.
+
+Under SLURM with submitit (hydra/launcher=slurm), the preemption signal (submitit's USR2) stops
+the run the same way, saving into the run dir; then submitit's own handler, which was there
+before ours, requeues the job, whose next attempt resumes from that checkpoint.
+"""
+
+import logging
+import os
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+
+STOP_FILE = ".stop"  # in a sweep dir: its jobs stop as if they had been sent SIGTERM
+
+
+def preemption_signal():
+    """The signal SLURM sends a submitit job before preempting it (submitit's setting; USR2 by default)."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+
+
+class StopRequest:
+    def __init__(self, stop_file=None):
+        self.stop_file = stop_file
+        self.signum = None
+        self.previous = {}
+        self.requeue = None  # submitit's handler of the preemption signal, called once we have saved
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers (a launcher running jobs in threads)
+        for signum in {signal.SIGINT, signal.SIGTERM, preemption_signal()} - {None}:
+            self.previous[signum] = signal.signal(signum, self.handle)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.signum is not None and self.signum == preemption_signal() and callable(self.previous.get(self.signum)):
+            self.requeue = self.previous[self.signum]
+        self.previous = {}
+
+    def hand_over(self) -> None:
+        """After the run has saved and written its status: let submitit requeue the job (it then exits)."""
+        if self.requeue is not None:
+            log.warning("preempted: handing over to submitit to requeue this job")
+            self.requeue(self.signum, None)
+
+    def handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, whatever is half done
+        self.signum = signum
+        if self.stop_file is not None:  # in a sweep: the jobs after this one do not start
+            open(self.stop_file, "a").close()
+        log.warning("%s: stopping at the next step boundary to save a checkpoint (Ctrl-C again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        """Checked at step boundaries: a signal arrived, or the sweep's stop file exists."""
+        if self.signum is None and self.stop_file is not None and os.path.exists(self.stop_file):
+            self.signum = signal.SIGTERM
+        return self.signum is not None
