@@ -3,8 +3,8 @@
 figures/act (each hidden layer's output), figures/act_grad (the gradient at each layer's
 output) and figures/param_grad (each weight's gradient), with each line's statistics in the
 legend, as in the lecture. Drawing an image costs ~0.1 s, some 200 training steps, so the
-tensors are kept (on the device) at every watched step and the images are drawn when
-training ends or stops on an error, each at the step its data came from.
+tensors are kept (on the device, and in checkpoints) at every watched step and the images are
+drawn when training ends, is stopped or stops on an error, each at the step its data came from.
 """
 
 import torch
@@ -58,8 +58,15 @@ class DistributionFigures(Diagnostic):
                 curves["figures/param_grad"][f"{name} {tuple(p.shape)}"] = (g, [g.mean(), g.std(), g.std() / p.detach().std()])
         self.pending.append((step, curves))
 
-    def on_fit_end(self, trainer, pl_module):
-        self.draw(trainer)
+    def on_train_end(self, trainer, pl_module):
+        self.draw(trainer)  # before last.ckpt is saved, so a resumed run does not draw these again
+
+    # the data of figures not yet drawn goes into checkpoints: a killed run's resume draws them
+    def state_dict(self):
+        return {"pending": self.pending}
+
+    def load_state_dict(self, state_dict):
+        self.pending = state_dict.get("pending", [])
 
     def on_exception(self, trainer, pl_module, exception):
         self.draw(trainer)  # a run that diverged is the one whose figures matter

@@ -25,8 +25,15 @@ class UpdateRatioFigure(Diagnostic):
         self.steps.append(step)
         self.history.append(torch.stack(list(ratios.values())))
 
-    def on_fit_end(self, trainer, pl_module):
+    def on_train_end(self, trainer, pl_module):
         self.draw(trainer, trainer.global_step)
+
+    # the history goes into checkpoints, so a resumed run draws the whole of it
+    def state_dict(self):
+        return {"names": self.names, "steps": self.steps, "history": self.history}
+
+    def load_state_dict(self, state_dict):
+        self.names, self.steps, self.history = state_dict["names"], state_dict["steps"], state_dict["history"]
 
     def on_exception(self, trainer, pl_module, exception):
         self.draw(trainer, trainer.global_step)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from actgrad.checks import ConfigError
 from actgrad.experiment import train
@@ -246,6 +247,16 @@ def assert_same_run(full: Path, resumed: Path):
         steps = [s for s, _ in resumed_logged[tag]]
         assert len(steps) == len(set(steps)), f"{tag} has a step twice"
         assert resumed_logged[tag] == points, tag  # every step once, the same values
+    assert logged_steps(resumed) == logged_steps(full)  # histograms and figures too, each step once
+
+
+def logged_steps(run_dir: Path) -> dict:
+    """{(kind, tag): [steps]} of the histograms and images in a run's event files."""
+    acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return {("histogram", t): [e.step for e in acc.Histograms(t)] for t in tags["histograms"]} | {
+        ("image", t): [e.step for e in acc.Images(t)] for t in tags["images"]}
 
 
 @pytest.mark.slow
@@ -266,7 +277,7 @@ def test_a_second_ctrl_c_stops_at_once(small_names, tmp_path):
 @pytest.mark.parametrize("kill_after", [300, 4500])  # before the first checkpoint (2,000), and after two
 def test_a_killed_run_resumes_with_every_step_logged_once(kill_after, small_names, tmp_path):
     args = [*LONG, "trainer.max_steps=8000", "callbacks=default", "callbacks.activations.every_n_steps=500",
-            "callbacks.histograms.every_n_steps=2000", f"data.path={small_names}"]
+            "callbacks.histograms.every_n_steps=2000", "callbacks.figures.every_n_steps=2000", f"data.path={small_names}"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert cli(*args, f"hydra.run.dir={full}").returncode == 0
     proc = start(*args, f"hydra.run.dir={killed}")
