@@ -20,21 +20,24 @@ def saturated(layer, threshold: float = 0.97) -> torch.Tensor:
         return layer.out.abs() > threshold
     with torch.enable_grad():
         x = layer.pre.detach().requires_grad_()
-        (slope,) = torch.autograd.grad(layer.act.forward(x).sum(), x)  # .forward: no hooks, so no re-capture
+        (slope,) = torch.autograd.grad(layer.act(x).sum(), x)
     return slope.abs() < 1 - threshold**2
 
 
 class Activations(Diagnostic):
-    """act/{mean,std,saturation,dead}/layerN and preact/{mean,std}/layerN.
+    """act/{mean,std,saturation}/layerN and preact/{mean,std}/layerN; act/dead/layerN for nonlinearities
+    that can die (not tanh, whose units are never saturated for every example at once in practice).
 
     saturation: share of (example, unit) pairs where the nonlinearity is flat (|t| > threshold for tanh);
     dead: share of units saturated for every example of the batch (for ReLU: zero for all of them).
     """
 
-    captures_layers = True
+    needs = {"layers"}
 
     def __init__(self, every_n_steps: int = 1000, threshold: float = 0.97):
         super().__init__(every_n_steps)
+        if not 0 < threshold < 1:
+            raise ValueError(f"Activations.threshold={threshold!r}: must be between 0 and 1")
         self.threshold = threshold
         self.charts = {
             f"act/saturation: share of units in the flat part of the nonlinearity (tanh: |t| > {threshold})": ["act/saturation/.*"],
@@ -45,16 +48,17 @@ class Activations(Diagnostic):
             "preact/std": ["preact/std/.*"],
         }
 
-    def on_after_backward(self, trainer, module, step):
+    def compute(self, snapshot):
         stats = {}
-        for name, layer in self.layers.items():
+        for name, layer in snapshot.layers.items():
             flat = saturated(layer, self.threshold)
             stats |= {
                 f"act/mean/{name}": layer.out.mean(),
                 f"act/std/{name}": layer.out.std(),
                 f"act/saturation/{name}": flat.float().mean(),
-                f"act/dead/{name}": flat.all(0).float().mean(),
                 f"preact/mean/{name}": layer.pre.mean(),
                 f"preact/std/{name}": layer.pre.std(),
             }
-        self.log_scalars(trainer, stats, step)
+            if not isinstance(layer.act, nn.Tanh):
+                stats[f"act/dead/{name}"] = flat.all(0).float().mean()
+        return stats

@@ -9,7 +9,8 @@ drawn when training ends, is stopped or stops on an error, each at the step its 
 
 import torch
 
-from actgrad.diagnostic import Diagnostic, named_params
+from actgrad.diagnostic import Diagnostic
+from actgrad.snapshot import matrices
 from callbacks.activations import saturated
 
 FIGURES = {  # tag: (title, x axis, legend statistics)
@@ -37,29 +38,29 @@ def overlay(title: str, xlabel: str, curves: dict):
 
 
 class DistributionFigures(Diagnostic):
-    captures_layers = True
+    needs = {"layers", "params", "grads"}
 
     def __init__(self, every_n_steps: int = 50000, threshold: float = 0.97, weights_only: bool = True):
         super().__init__(every_n_steps)
         self.threshold, self.weights_only = threshold, weights_only
         self.pending = []  # (step, {tag: {label: (tensor, [statistics as 0-d tensors])}}) not drawn yet
 
-    def on_after_backward(self, trainer, module, step):
+    def observe(self, snapshot):
         curves = {tag: {} for tag in FIGURES}
-        for name, layer in self.layers.items():
-            out, grad = layer.out, layer.grad
+        for name, layer in snapshot.layers.items():
+            out, grad = layer.out.clone(), layer.grad  # kept past this step: copies of what the loop reuses
             sat = saturated(layer, self.threshold).float().mean()
             curves["figures/act"][f"{name} ({type(layer.act).__name__})"] = (out, [out.mean(), out.std(), sat])
             if grad is not None:
-                curves["figures/act_grad"][name] = (grad, [grad.mean(), grad.std()])
-        for name, p in named_params(module.net, self.weights_only).items():
-            if p.grad is not None:
-                g = p.grad.detach().clone()  # .grad may be reused in place by the next steps
-                curves["figures/param_grad"][f"{name} {tuple(p.shape)}"] = (g, [g.mean(), g.std(), g.std() / p.detach().std()])
-        self.pending.append((step, curves))
+                curves["figures/act_grad"][name] = (grad.clone(), [grad.mean(), grad.std()])
+        grads = matrices(snapshot.grads) if self.weights_only else snapshot.grads
+        for name, g in grads.items():
+            p = snapshot.params[name]
+            curves["figures/param_grad"][f"{name} {tuple(p.shape)}"] = (g.clone(), [g.mean(), g.std(), g.std() / p.std()])
+        self.pending.append((snapshot.step, curves))
 
     def on_train_end(self, trainer, pl_module):
-        self.draw(trainer)  # before last.ckpt is saved, so a resumed run does not draw these again
+        self.draw()  # before last.ckpt is saved, so a resumed run does not draw these again
 
     # the data of figures not yet drawn goes into checkpoints: a killed run's resume draws them
     def state_dict(self):
@@ -69,10 +70,9 @@ class DistributionFigures(Diagnostic):
         self.pending = state_dict.get("pending", [])
 
     def on_exception(self, trainer, pl_module, exception):
-        self.draw(trainer)  # a run that diverged is the one whose figures matter
-        super().on_exception(trainer, pl_module, exception)
+        self.draw()  # a run that diverged is the one whose figures matter
 
-    def draw(self, trainer):
+    def draw(self):
         stats = [[s for _, s in lines.values()] for _, curves in self.pending for lines in curves.values()]
         stats = iter(to_host(stats))  # every legend of every pending figure in one transfer
         for step, curves in self.pending:
@@ -80,7 +80,7 @@ class DistributionFigures(Diagnostic):
                 title, xlabel, legend = FIGURES[tag]
                 labels = [f"{label}: {legend.format(*values)}" for label, values in zip(lines, next(stats))]
                 figure = overlay(f"{title}, step {step}", xlabel, dict(zip(labels, (t for t, _ in lines.values()))))
-                self.log_figure(trainer, tag, figure, step)
+                self.writer.figure(tag, figure, step)
         self.pending = []
 
 

@@ -5,23 +5,22 @@ the scalar diagnostics, whole. A histogram costs ~3-8 ms to write (TensorBoard c
 it in Python), ~10x a training step, hence the low default cadence.
 """
 
-from actgrad.diagnostic import Diagnostic, named_params
+from actgrad.diagnostic import Diagnostic
+from actgrad.snapshot import matrices
 
 
 class Histograms(Diagnostic):
-    captures_layers = True
+    needs = {"layers", "grads"}
 
     def __init__(self, every_n_steps: int = 10000, weights_only: bool = True):
         super().__init__(every_n_steps)
         self.weights_only = weights_only
 
-    def on_after_backward(self, trainer, module, step):
+    def compute(self, snapshot):
         tensors = {}
-        for name, layer in self.layers.items():
+        for name, layer in snapshot.layers.items():
             tensors |= {f"act/{name}": layer.out, f"preact/{name}": layer.pre}
             if layer.grad is not None:
                 tensors[f"act_grad/{name}"] = layer.grad
-        for name, p in named_params(module.net, self.weights_only).items():
-            if p.grad is not None:
-                tensors[f"param_grad/{name}"] = p.grad
-        self.log_histograms(trainer, tensors, step)
+        grads = matrices(snapshot.grads) if self.weights_only else snapshot.grads
+        return tensors | {f"param_grad/{name}": g for name, g in grads.items()}

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from actgrad.diagnostic import write_scalars
+from actgrad.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class InitialLoss(L.Callback):
         ix = torch.randperm(len(x), generator=generator)[: self.num_examples]
         loss, vocab = self.measure(pl_module.net, x[ix].to(pl_module.device).long(), y[ix].to(pl_module.device).long())
         uniform = math.log(vocab)
-        loss = write_scalars(trainer, {"init/loss": loss, "init/uniform_loss": uniform}, 0)["init/loss"]
+        loss = Writer.of(trainer).scalars({"init/loss": loss, "init/uniform_loss": uniform}, 0)["init/loss"]
         message = f"initial loss {loss:.2f} on {len(ix)} training examples; uniform baseline ln({vocab}) = {uniform:.2f}"
         if not loss <= self.warn_ratio * uniform:
             log.warning("%s: the network starts confidently wrong, as the lecture's naive init does. Scale the output "

@@ -1,6 +1,7 @@
 """Parameter gradients against the parameters themselves: which layer would learn too fast?"""
 
-from actgrad.diagnostic import Diagnostic, named_params
+from actgrad.diagnostic import Diagnostic
+from actgrad.snapshot import matrices
 
 
 class ParamGrads(Diagnostic):
@@ -10,6 +11,7 @@ class ParamGrads(Diagnostic):
     ratio much more, relative to its size, than the others.
     """
 
+    needs = {"params", "grads"}
     charts = {
         "param_grad/data_ratio: std(grad) / std(param)": ["param_grad/data_ratio/.*"],
         "param_grad/std": ["param_grad/std/.*"],
@@ -20,11 +22,11 @@ class ParamGrads(Diagnostic):
         super().__init__(every_n_steps)
         self.weights_only = weights_only  # the lecture looks at the weight matrices only
 
-    def on_after_backward(self, trainer, module, step):
+    def compute(self, snapshot):
+        grads = matrices(snapshot.grads) if self.weights_only else snapshot.grads
         stats = {}
-        for name, p in named_params(module.net, self.weights_only).items():
-            if p.grad is not None:
-                grad_std = p.grad.std()
-                stats |= {f"param_grad/mean/{name}": p.grad.mean(), f"param_grad/std/{name}": grad_std,
-                          f"param_grad/data_ratio/{name}": grad_std / p.detach().std()}
-        self.log_scalars(trainer, stats, step)
+        for name, g in grads.items():
+            grad_std = g.std()
+            stats |= {f"param_grad/mean/{name}": g.mean(), f"param_grad/std/{name}": grad_std,
+                      f"param_grad/data_ratio/{name}": grad_std / snapshot.params[name].std()}
+        return stats

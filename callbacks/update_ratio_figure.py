@@ -6,27 +6,26 @@ kept on the device) and drawn once, when training ends or stops on an error.
 
 import torch
 
-from actgrad.diagnostic import Diagnostic, named_params
-from callbacks.update_ratio import GUIDE, snapshot, update_ratios
+from actgrad.diagnostic import Diagnostic
+from callbacks.update_ratio import GUIDE, update_ratios
 
 
 class UpdateRatioFigure(Diagnostic):
+    needs = {"params", "updates"}
+
     def __init__(self, every_n_steps: int = 100, weights_only: bool = True):
         super().__init__(every_n_steps)
         self.weights_only = weights_only
-        self.before, self.names, self.steps, self.history = None, [], [], []
+        self.names, self.steps, self.history = [], [], []
 
-    def on_after_backward(self, trainer, module, step):
-        self.before = snapshot(named_params(module.net, self.weights_only))
-
-    def on_step_end(self, trainer, module, step):
-        ratios = update_ratios(self.before, named_params(module.net, self.weights_only))
-        self.before, self.names = None, list(ratios)
-        self.steps.append(step)
-        self.history.append(torch.stack(list(ratios.values())))
+    def observe(self, snapshot):
+        ratios = update_ratios(snapshot, self.weights_only)
+        self.names = list(ratios)
+        self.steps.append(snapshot.step)
+        self.history.append(torch.stack(list(ratios.values())))  # kept on the device: no transfer per step
 
     def on_train_end(self, trainer, pl_module):
-        self.draw(trainer, trainer.global_step)
+        self.draw(trainer.global_step)
 
     # the history goes into checkpoints, so a resumed run draws the whole of it
     def state_dict(self):
@@ -36,10 +35,9 @@ class UpdateRatioFigure(Diagnostic):
         self.names, self.steps, self.history = state_dict["names"], state_dict["steps"], state_dict["history"]
 
     def on_exception(self, trainer, pl_module, exception):
-        self.draw(trainer, trainer.global_step)
-        super().on_exception(trainer, pl_module, exception)
+        self.draw(trainer.global_step)
 
-    def draw(self, trainer, step):
+    def draw(self, step):
         if len(self.steps) < 2:
             return  # one point is no line
         from matplotlib.figure import Figure
@@ -52,4 +50,4 @@ class UpdateRatioFigure(Diagnostic):
         ax.axhline(GUIDE, color="k", linestyle="--", label=f"guide: {GUIDE:g}")
         ax.set(title="update-to-data ratio: log10(std(update) / std(param))", xlabel="step", ylabel="log10 ratio")
         ax.legend(fontsize="small")
-        self.log_figure(trainer, "figures/update_ratio", figure, step)
+        self.writer.figure("figures/update_ratio", figure, step)

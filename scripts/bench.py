@@ -35,7 +35,11 @@ VARIANTS = {
     "actgrad callbacks=full": ("actgrad", ["callbacks=full"]),
     "actgrad compiled": ("actgrad", ["compile=true"]),
     # the levers of the fast path, each turned off alone (README, "Performance")
-    "actgrad default, lean_optimizer=false": ("actgrad", ["lean_optimizer=false"]),
+    "actgrad default, torch.optim.SGD": ("actgrad", ["optimizer._target_=torch.optim.SGD"]),
+    # a plain Lightning callback with a step hook: every step takes Lightning's documented path
+    "actgrad default, Lightning's documented path": ("actgrad", [
+        "+callbacks.hook._target_=lightning.pytorch.callbacks.LambdaCallback",
+        "+callbacks.hook.on_after_backward._target_=operator.is_", "+callbacks.hook.on_after_backward._partial_=true"]),
     "actgrad default, steps_per_batch=1": ("actgrad", ["steps_per_batch=1"]),
 }
 FEWER_STEPS = {"actgrad callbacks=full": 20}  # variant: run steps // this

@@ -2,7 +2,8 @@
 
 The expected values come from the MLP written out by hand from a snapshot of its parameters
 (`manual_forward`) and from parameter snapshots taken around each optimizer step; the
-diagnostics are driven through the step protocol of actgrad.module (see `run_steps`).
+diagnostics are driven through the step protocol of actgrad.module (see `run_steps`): the loop
+records one Snapshot on each watched step and hands it to every watching diagnostic.
 """
 
 import functools
@@ -20,7 +21,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from actgrad import init
-from actgrad.diagnostic import LayerCapture
+from actgrad.diagnostic import layout
+from actgrad.snapshot import Recorder as SnapshotRecorder
+from actgrad.writer import Writer
 from actgrad.model import MLP
 from callbacks.activation_grads import ActivationGrads
 from callbacks.activations import Activations
@@ -68,16 +71,15 @@ def make_trainer(diagnostics, tmp_path=None, datamodule=None):
     loggers = [Recorder()]
     if tmp_path is not None:
         loggers.append(TensorBoardLogger(save_dir=str(tmp_path), name="", version=""))
+    for d in diagnostics:
+        d.writer = Writer(loggers)
     return SimpleNamespace(loggers=loggers, callbacks=list(diagnostics), global_step=0, datamodule=datamodule)
 
 
 def run_steps(net, diagnostics, trainer, n_steps, optimizer=None, scheduler=None, batch_size=32, seed=0):
-    """What LanguageModel.training_step does, step by step; returns what each step saw:
+    """What LanguageModel's fast path does, step by step; returns what each step saw:
     {step: (state before, x, y, state after)}."""
-    module = SimpleNamespace(net=net, device=torch.device("cpu"))
     optimizer = optimizer or torch.optim.SGD(net.parameters(), lr=0.1)
-    for d in diagnostics:
-        d.setup(trainer, module, "fit")
     g = torch.Generator().manual_seed(seed)
     seen = {}
     for step in range(n_steps):
@@ -85,20 +87,21 @@ def run_steps(net, diagnostics, trainer, n_steps, optimizer=None, scheduler=None
         y = torch.randint(0, 27, (batch_size,), generator=g)
         before = snapshot(net)
         watching = [d for d in diagnostics if d.wants(step)]
-        for d in watching:
-            d.active = True
-            d.on_step_start(trainer, module, step)
+        recorder = SnapshotRecorder(net, set().union(*(d.needs for d in watching))) if watching else None
+        if recorder:
+            recorder.start()
         loss = F.cross_entropy(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        for d in watching:
-            d.on_after_backward(trainer, module, step)
+        if recorder:
+            recorder.before_update()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        for d in watching:
-            d.on_step_end(trainer, module, step)
-            d.active = False
+        if watching:
+            shot = recorder.snapshot(step, loss, optimizer.param_groups[0]["lr"])
+            for d in watching:
+                d.observe(shot)
         seen[step] = (before, x, y, snapshot(net))
     trainer.global_step = n_steps
     return seen
@@ -173,7 +176,10 @@ def test_activation_statistics(n_layers, norm, activation):
             assert close(logged[f"act/mean/layer{i}"][step], out.mean())
             assert close(logged[f"act/std/layer{i}"][step], out.std())
             assert close(logged[f"act/saturation/layer{i}"][step], flat.float().mean(), abs=one_flip)
-            assert close(logged[f"act/dead/layer{i}"][step], flat.all(0).float().mean(), abs=1.5 / flat.shape[1])
+            if activation == "tanh":  # tanh units do not die: no such tag
+                assert f"act/dead/layer{i}" not in logged
+            else:
+                assert close(logged[f"act/dead/layer{i}"][step], flat.all(0).float().mean(), abs=1.5 / flat.shape[1])
             assert close(logged[f"preact/mean/layer{i}"][step], pre.mean(), abs=1e-5)
             assert close(logged[f"preact/std/layer{i}"][step], pre.std())
     assert f"act/mean/layer{n_layers + 1}" not in logged
@@ -333,7 +339,7 @@ def test_distribution_figures(tmp_path, monkeypatch, n_layers, norm, activation)
     trainer = make_trainer([d], tmp_path)
     seen = run_steps(net, [d], trainer, 7)
     assert drawn == []  # nothing is drawn while training
-    d.on_fit_end(trainer, None)
+    d.on_train_end(trainer, None)
     finish([d], trainer, net)
     assert [title for title, _ in drawn] == [f"{kind} distribution, step {step}" for step in (0, 5)
                                              for kind in ("activation", "gradient", "weight gradient")]
@@ -369,7 +375,6 @@ def test_figures_are_drawn_when_a_run_fails(tmp_path):
     trainer.loggers[1].experiment.flush()
     images = read_events(tmp_path).Tags()["images"]
     assert sorted(images) == ["figures/act", "figures/act_grad", "figures/param_grad", "figures/update_ratio"]
-    assert not net.blocks[0].act._forward_hooks  # and the capture is released
 
 
 def test_update_ratio_figure(tmp_path):
@@ -378,7 +383,7 @@ def test_update_ratio_figure(tmp_path):
     trainer = make_trainer([d], tmp_path)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     seen = run_steps(net, [d], trainer, 9, optimizer=opt)
-    d.on_fit_end(trainer, None)
+    d.on_train_end(trainer, None)
     finish([d], trainer, net)
     assert d.steps == [0, 2, 4, 6, 8]
     assert d.names == list(weight_names(seen[0][0]).values())
@@ -410,43 +415,66 @@ def test_never_fired_example(n_layers, norm):
     assert norm or shares[0] > shares[-1]  # and does (batch-normed units always fire for one of two examples)
 
 
-def test_never_fired_example_is_short_and_in_readme():
-    source = (Path(__file__).resolve().parents[1] / "callbacks/never_fired.py").read_text()
-    assert len(source.splitlines()) < 30
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    if readme.is_file() and "Write your own diagnostic" in readme.read_text():
-        assert source.strip() in readme.read_text(), "README's worked example differs from callbacks/never_fired.py"
+def test_the_readme_example_is_short_and_the_same_as_its_file():
+    source = (Path(__file__).resolve().parents[1] / "callbacks/grad_norm.py").read_text()
+    assert len(source.splitlines()) <= 30
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert source.strip() in readme, "README's worked example differs from callbacks/grad_norm.py"
+
+
+def test_grad_norm_example():
+    from callbacks.grad_norm import GradNorm
+
+    net = make_net(3, True, "tanh", rule=init.kaiming)
+    d = GradNorm(every_n_steps=2)
+    trainer = make_trainer([d])
+    seen = run_steps(net, [d], trainer, 3)
+    logged = trainer.loggers[0].scalars
+    before, x, y, _ = seen[2]
+    _, weight_grads = manual_grads(before, x, y, "tanh")
+    assert {t.split("/")[-1] for t in logged} == set(weight_grads)
+    for name, g in weight_grads.items():
+        assert close(logged[f"grad_norm/{name}"][2], g.norm(), abs=1e-7)
 
 
 # ---------------------------------------------------------------- the base
 
 
-def test_capture_is_shared_idle_and_removed():
-    net = make_net(3, True, "tanh")
-    diagnostics = [Activations(every_n_steps=2), ActivationGrads(every_n_steps=2), Histograms(every_n_steps=4)]
-    trainer = make_trainer(diagnostics)
-    hooks = lambda: [len(block.act._forward_hooks) for block in net.blocks]  # noqa: E731
-    run_steps(net, diagnostics, trainer, 1)
-    layer = diagnostics[0].layers["layer2"]
-    out, grad = layer.out, layer.grad
-    assert out is not None and grad is not None and not out.requires_grad
-    assert hooks() == [0, 0, 0]  # nobody watches now: no hooks at all
-    for d in diagnostics:
-        d.active = True
-    assert hooks() == [1, 1, 1]  # one hook per layer, shared by three watching diagnostics
-    diagnostics[0].active = False
-    assert hooks() == [1, 1, 1]  # the others still watch
-    for d in diagnostics:
-        d.active = False
-    assert hooks() == [0, 0, 0]
+class Meddler(Activations):
+    """A diagnostic that runs the nonlinearity itself and scribbles on a copy: it must not disturb others."""
+
+    def compute(self, snapshot):
+        for layer in snapshot.layers.values():
+            layer.act(layer.pre * 3)  # would re-fire a capture hook, if one were still attached
+        return super().compute(snapshot)
+
+
+def test_diagnostics_see_the_same_snapshot_in_any_order():
+    logged = []
+    for order in (0, 1):
+        net = make_net(3, True, "relu", rule=init.kaiming)
+        diagnostics = [Meddler(every_n_steps=2), ActivationGrads(every_n_steps=2), Histograms(every_n_steps=4),
+                       ParamGrads(every_n_steps=1), UpdateRatio(every_n_steps=2)]
+        if order:
+            diagnostics.reverse()
+        trainer = make_trainer(diagnostics)
+        run_steps(net, diagnostics, trainer, 5)
+        logged.append({tag: {s: v for s, v in points.items() if not tag.startswith("act/")}
+                       for tag, points in trainer.loggers[0].scalars.items()})
+    assert logged[0] == logged[1] and logged[0]
+
+
+def test_a_recorder_leaves_no_hook_behind():
+    net = make_net(2, False, "tanh")
+    recorder = SnapshotRecorder(net, {"layers"})
+    recorder.start()
     net(torch.zeros(4, 3, dtype=torch.long)).sum().backward()
-    assert diagnostics[0].layers["layer2"].out.shape[0] == 32  # the unwatched forward was not captured
-    diagnostics[2].active = True  # a run stopped by an error mid-step: teardown still removes the hooks
-    finish(diagnostics[:2], trainer, net)
-    assert hooks() == [1, 1, 1]
-    finish(diagnostics[2:], trainer, net)
-    assert hooks() == [0, 0, 0]
-    assert net not in LayerCapture._of
+    recorder.before_update()
+    first = recorder.snapshot(0, torch.tensor(0.0), 0.1)
+    net(torch.ones(8, 3, dtype=torch.long)).sum().backward()  # a forward nobody watches
+    assert first.layers["layer1"].out.shape[0] == 4 and recorder.seen["layer1"]["out"].shape[0] == 4
+    with pytest.raises(ValueError, match="needs=\\['weights'\\]"):
+        SnapshotRecorder(net, {"weights"})
 
 
 def test_every_n_steps_is_checked():
@@ -459,14 +487,15 @@ def test_layout_puts_every_layer_in_one_chart(tmp_path):
     diagnostics = [Activations(every_n_steps=1), ActivationGrads(every_n_steps=1), ParamGrads(every_n_steps=1),
                    UpdateRatio(every_n_steps=1)]
     trainer = make_trainer(diagnostics, tmp_path)
+    Writer(trainer.loggers).charts(layout(diagnostics))  # what the loop does when fit starts
     run_steps(net, diagnostics, trainer, 1)
     finish(diagnostics, trainer, net)
     events = read_events(tmp_path)
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     (config,) = events.Tensors("custom_scalars__config__")
-    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
-    charts = {chart.title: chart.multiline.tag for category in layout.category for chart in category.chart}
+    written = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {chart.title: chart.multiline.tag for category in written.category for chart in category.chart}
     tags = events.Tags()["scalars"]
 
     def members(title_start):
@@ -476,7 +505,7 @@ def test_layout_puts_every_layer_in_one_chart(tmp_path):
     assert members("act/saturation") == ["act/saturation/layer1", "act/saturation/layer2", "act/saturation/layer3"]
     assert members("update_ratio") == ["update_ratio/embedding.weight", "update_ratio/guide", "update_ratio/layer1.weight",
                                        "update_ratio/layer2.weight", "update_ratio/layer3.weight", "update_ratio/output.weight"]
-    assert all(members(title) for title in charts)  # no chart is empty
+    assert all(members(title) for title in charts if not title.startswith("act/dead"))  # none empty (tanh: no dead)
     assert all(any(re.match(r, t) for rs in charts.values() for r in rs) for t in tags)  # every tag is in a chart
 
 
@@ -519,13 +548,12 @@ def test_lecture_saturation_at_init():
 
 
 def run_one_step(d, trainer, net, x, y):
-    module = SimpleNamespace(net=net)
-    d.setup(trainer, module, "fit")
-    d.active = True
-    F.cross_entropy(net(x), y).backward()
-    d.on_after_backward(trainer, module, 0)
-    d.active = False
-    d.teardown(trainer, module, "fit")
+    recorder = SnapshotRecorder(net, d.needs)
+    recorder.start()
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    recorder.before_update()
+    d.observe(recorder.snapshot(0, loss, 0.1))
 
 
 @needs_names

@@ -30,11 +30,12 @@ def run(tmp_path, *overrides):
     return events
 
 
-def expected_tags(n_layers):
+def expected_tags(n_layers, activation="tanh"):
     layers = [f"layer{i}" for i in range(1, n_layers + 1)]
     weights = ["embedding.weight", *(f"{l}.weight" for l in layers), "output.weight"]
     scalars = {"init/loss", "init/uniform_loss", "update_ratio/guide"}
-    scalars |= {f"{q}/{l}" for q in ("act/mean", "act/std", "act/saturation", "act/dead", "preact/mean", "preact/std",
+    dead = ("act/dead",) if activation != "tanh" else ()  # tanh units do not die: no such tag
+    scalars |= {f"{q}/{l}" for q in ("act/mean", "act/std", "act/saturation", *dead, "preact/mean", "preact/std",
                                      "act_grad/mean", "act_grad/std") for l in layers}
     scalars |= {f"{q}/{w}" for q in ("param_grad/mean", "param_grad/std", "param_grad/data_ratio", "update_ratio") for w in weights}
     histograms = {f"{q}/{l}" for q in ("act", "preact", "act_grad") for l in layers} | {f"param_grad/{w}" for w in weights}
@@ -46,9 +47,10 @@ def expected_tags(n_layers):
 def test_full_run_writes_every_tag(tmp_path, norm, activation):
     events = run(tmp_path, "callbacks=full", "model.n_layers=3", f"norm={norm}", f"model.activation={activation}",
                  "callbacks.figures.every_n_steps=20")
-    scalars, histograms, images = expected_tags(3)
+    scalars, histograms, images = expected_tags(3, activation)
     tags = events.Tags()
     assert scalars <= set(tags["scalars"]), scalars - set(tags["scalars"])
+    assert activation != "tanh" or not [t for t in tags["scalars"] if t.startswith("act/dead")]
     assert histograms == set(tags["histograms"])
     assert images == set(tags["images"])
     assert "custom_scalars__config__" in tags["tensors"]

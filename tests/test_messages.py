@@ -76,7 +76,7 @@ def test_a_refused_run_writes_nothing(tmp_path):
         (["init=foo"], f"init=foo: unknown init; {INITS}"),
         (["init="], f"init=: needs a value; {INITS}"),
         (["callbacks=[default,nope]"],
-         "callbacks=nope: unknown callbacks; accepted: activation_grads, activations, default"),
+         "callbacks=nope: unknown callbacks; accepted: activation_grads, activations,"),
         (["hydra/launcher=nope"],
          "hydra/launcher=nope: unknown hydra/launcher; accepted: basic, joblib, local, parallel"),
         (["-m", "init=naive,foo"], f"init=foo: unknown init; {INITS}"),

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 # Settings that change how a run is watched, written or computed, not what it computes.
 NOT_RUN_DEFINING = {
     "callbacks", "checkpoints", "ckpt_path", "threads", "jobs_per_gpu", "steps_per_batch", "log_every_n_steps",
-    "val_every_n_steps", "checkpoint_every_n_steps", "lean_optimizer", "compile", "objective", "search",
+    "val_every_n_steps", "checkpoint_every_n_steps", "lean_optimizer", "compile", "objective", "search", "progress_bar",
     "data.path", "data.cache_dir", "data.url",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.accelerator", "trainer.devices",
     "trainer.deterministic",
@@ -169,7 +169,7 @@ class LastCheckpoint(Callback):
 
     def save(self, trainer):
         if self.saved_at != trainer.global_step:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the optimizer and loops too: a resumable checkpoint
             self.saved_at = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -26,10 +26,10 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from actgrad import sweep  # noqa: F401  (registers the resolvers conf/config.yaml uses)
 from actgrad.checks import ConfigError, check_config, explain
 from actgrad.checkpoint import AlreadyCompleted, AtomicCheckpointIO, check_shapes, config_hash, plan_start, run_config
-from actgrad.diagnostic import write_scalars
 from actgrad.module import Diverged, LanguageModel
 from actgrad.rundir import Busy, RunDir
 from actgrad.stop import STOP_FILE, StopRequest
+from actgrad.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ def build(cfg: DictConfig):
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         log_every_n_steps=cfg.log_every_n_steps,
         val_every_n_steps=cfg.val_every_n_steps,
-        lean_optimizer=cfg.lean_optimizer,
         config=OmegaConf.to_container(cfg, resolve=True),
         diverge_above=DIVERGED_AT * math.log(data.vocab_size),
     )
@@ -168,6 +167,8 @@ def fit(cfg, run: RunDir, data, module, start, extra_callbacks) -> dict:
 
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     callbacks += [instantiate(c, dirpath=str(run.path / "checkpoints")) for c in cfg.checkpoints.values()]
+    if cfg.trainer.enable_progress_bar and cfg.get("progress_bar"):
+        callbacks.append(instantiate(cfg.progress_bar))
     callbacks.extend(extra_callbacks)
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # preemption is ours to handle (stop.py): Lightning's requeue would save
@@ -189,7 +190,7 @@ def fit(cfg, run: RunDir, data, module, start, extra_callbacks) -> dict:
 
     results = {"status": "completed"}
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=start.ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=start.ckpt_path, weights_only=True)
     except Diverged as e:  # a result, not a crash: the sweep goes on and reports it
         log.error("%s", e)
         results = {"status": "diverged", "error": str(e)}
@@ -226,7 +227,7 @@ def finish(cfg, trainer, module, data, results) -> None:
     if trainer.global_step % cfg.val_every_n_steps:  # the loop validated at every multiple already
         end["val/loss"] = losses["val"]
     try:
-        write_scalars(trainer, end, trainer.global_step)
+        Writer.of(trainer).scalars(end, trainer.global_step)
     except OSError as e:
         results.update(status="failed", error=f"{type(e).__name__}: {e}")
         return
@@ -240,7 +241,7 @@ def write_end(trainer, logger, cfg, data, results: dict) -> None:
     try:
         if results["status"] != "interrupted":
             finals = {k: v for k, v in results.items() if k.startswith("final/")} | {"final/steps": step}
-            write_scalars(trainer, finals, step)
+            Writer.of(trainer).scalars(finals, step)
             hparams = flat(OmegaConf.to_container(cfg, resolve=True)) | flat(data.describe(), "dataset.")
             # torch's summary.hparams, written into the run's own file: Lightning's log_hyperparams would
             # also write the metrics at step 0, and SummaryWriter.add_hparams into a new run of its own

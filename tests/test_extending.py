@@ -1,0 +1,88 @@
+"""The two ways to extend actgrad: a diagnostic of one's own, and a plain Lightning callback."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from lightning.pytorch import Callback
+
+from actgrad.experiment import train
+
+from conftest import ROOT, TINY, make_config
+from test_train import scalars
+
+MY_DIAGNOSTIC = '''
+from actgrad.diagnostic import Diagnostic
+
+
+class LossTimesTwo(Diagnostic):
+    needs = {"layers"}
+
+    def compute(self, snapshot):
+        return {"mine/loss_x2": snapshot.loss * 2, "mine/out": snapshot.layers["layer1"].out}
+'''
+
+
+def test_a_diagnostic_from_a_folder_of_ones_own_is_added_with_one_override(small_names, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "loss_x2.py").write_text(MY_DIAGNOSTIC)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"data.path={small_names}",
+                           f"hydra.run.dir={run_dir}", "+callbacks.mine._target_=loss_x2.LossTimesTwo",
+                           "+callbacks.mine.every_n_steps=10"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path / "mine")))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logged = scalars(run_dir)
+    assert [s for s, _ in logged["mine/loss_x2"]] == [0, 10, 20, 30]
+    from test_reliability import logged_steps
+
+    assert logged_steps(run_dir)[("histogram", "mine/out")] == [0, 10, 20, 30]
+
+
+class CountHooks(Callback):
+    """A callback as the Lightning docs teach it: the step hooks with Lightning's signatures."""
+
+    def __init__(self):
+        self.seen = {"on_before_backward": [], "on_after_backward": [], "on_before_optimizer_step": []}
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.seen["on_before_backward"].append(trainer.global_step)
+
+    def on_after_backward(self, trainer, pl_module):
+        self.seen["on_after_backward"].append(trainer.global_step)
+        assert all(p.grad is not None for p in pl_module.parameters())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.seen["on_before_optimizer_step"].append(trainer.global_step)
+
+
+def test_a_plain_lightning_callback_sees_every_step_and_training_is_the_same(small_names, tmp_path):
+    args = [*TINY, f"data.path={small_names}", "callbacks=default", "callbacks.activations.every_n_steps=5"]
+    hooks = CountHooks()
+    lightning_path = train(make_config(*args), tmp_path / "lightning", extra_callbacks=[hooks])
+    fast_path = train(make_config(*args), tmp_path / "fast")
+    assert lightning_path["status"] == fast_path["status"] == "completed"
+    assert hooks.seen == {hook: list(range(40)) for hook in hooks.seen}  # every step, global_step = steps before
+    a = torch.load(tmp_path / "lightning" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "fast" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 40
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert scalars(tmp_path / "lightning")["act/saturation/layer1"] == scalars(tmp_path / "fast")["act/saturation/layer1"]
+
+
+class Quiet(Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.ended_at = trainer.global_step
+
+
+def test_a_callback_without_step_hooks_keeps_the_fast_path(small_names, tmp_path):
+    quiet = Quiet()
+    train(make_config(*TINY, f"data.path={small_names}"), tmp_path, extra_callbacks=[quiet])
+    assert quiet.ended_at == 40
+    from actgrad.module import needs_lightning_path
+
+    assert not needs_lightning_path(type("T", (), {"callbacks": [quiet], "precision": "32-true"}))
+    assert needs_lightning_path(type("T", (), {"callbacks": [quiet], "precision": "bf16-mixed"}))
+    assert needs_lightning_path(type("T", (), {"callbacks": [CountHooks()], "precision": "32-true"}))
