@@ -18,17 +18,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from actgrad.events import scalars as read_scalars  # noqa: E402
 
 COLUMNS = ["run", "status", "initial loss", "ln(V)", "train loss", "val loss", "test loss", "peak saturation",
            "final update ratio (log10, weights)"]
 
 
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of a run, by TensorBoard's own reader."""
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def last(series, tag):

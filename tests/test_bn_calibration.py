@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from actgrad.events import scalars
 from actgrad.experiment import train
 from actgrad.model import MLP
 from callbacks.bn_calibration import BNCalibration
@@ -136,9 +136,7 @@ def test_in_a_real_run_it_logs_at_the_final_step_and_leaves_the_final_model_alon
     cfg = make_config(*TINY, f"data.path={small_names}", "norm=batchnorm")
     results = train(cfg, tmp_path, extra_callbacks=[BNCalibration()])
     assert results["status"] == "completed"
-    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
-    events.Reload()
-    logged = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    logged = scalars(tmp_path)
     assert {t for t in logged if t.startswith("bn_calibration/")} == {
         "bn_calibration/mean_error/layer1", "bn_calibration/var_error/layer1",
         "bn_calibration/val_loss_running", "bn_calibration/val_loss_calibrated"}

@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from actgrad import init
 from actgrad.diagnostic import layout
@@ -37,7 +36,6 @@ from callbacks.update_ratio_figure import UpdateRatioFigure
 
 torch.set_num_threads(1)  # tiny models; the machine's other core may be busy
 NAMES = Path(__file__).resolve().parents[2] / "shared/data/names.txt"
-ALL_SIZES = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0, "compressedHistograms": 0, "audio": 0}
 
 MODELS = [
     pytest.param(n_layers, norm, activation, id=f"{n_layers}layer-{'bn' if norm else 'nonorm'}-{activation}")
@@ -295,10 +293,7 @@ def test_initial_loss_skips_resumed_runs():
     assert trainer.loggers[0].scalars == {}
 
 
-def read_events(path):
-    events = EventAccumulator(str(path), size_guidance=ALL_SIZES)
-    events.Reload()
-    return events
+from actgrad.events import read as read_events  # noqa: E402
 
 
 @pytest.mark.parametrize("n_layers,norm,activation", MODELS)

@@ -5,14 +5,13 @@ import random
 
 import pytest
 from hydra import compose, initialize_config_dir
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from actgrad.events import read as read_events
 from actgrad.experiment import train
 
 CONF = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
 pytestmark = [pytest.mark.filterwarnings("ignore:The number of training batches"),
               pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec")]
-ALL_SIZES = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0, "compressedHistograms": 0, "audio": 0}
 
 
 def run(tmp_path, *overrides):
@@ -25,9 +24,7 @@ def run(tmp_path, *overrides):
             "trainer.max_steps=40", "steps_per_batch=10", "log_every_n_steps=10", "val_every_n_steps=20",
             "trainer.enable_progress_bar=false", f"data.path={names}", "model.n_hidden=16", *overrides])
     assert train(cfg, tmp_path / "run")["status"] == "completed"
-    events = EventAccumulator(str(tmp_path / "run"), size_guidance=ALL_SIZES)
-    events.Reload()
-    return events
+    return read_events(tmp_path / "run")
 
 
 def expected_tags(n_layers, activation="tanh"):

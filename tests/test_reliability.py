@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from actgrad.checks import ConfigError
+from actgrad.events import steps as logged_steps
 from actgrad.experiment import train
 
 from conftest import ROOT, TINY, make_config
@@ -248,15 +248,6 @@ def assert_same_run(full: Path, resumed: Path):
         assert len(steps) == len(set(steps)), f"{tag} has a step twice"
         assert resumed_logged[tag] == points, tag  # every step once, the same values
     assert logged_steps(resumed) == logged_steps(full)  # histograms and figures too, each step once
-
-
-def logged_steps(run_dir: Path) -> dict:
-    """{(kind, tag): [steps]} of the histograms and images in a run's event files."""
-    acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "images": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    return {("histogram", t): [e.step for e in acc.Histograms(t)] for t in tags["histograms"]} | {
-        ("image", t): [e.step for e in acc.Images(t)] for t in tags["images"]}
 
 
 @pytest.mark.slow
