@@ -55,7 +55,7 @@ def test_full_run_writes_every_tag(tmp_path, norm, activation):
     assert {e.value for e in events.Scalars("update_ratio/guide")} == {-3}
     assert events.Scalars("init/uniform_loss")[0].value == pytest.approx(math.log(27))
     assert [e.step for e in events.Histograms("act_grad/layer2")] == list(range(40))
-    assert [e.step for e in events.Images("figures/act")] == [0, 20]
+    assert [e.step for e in events.Images("figures/act")] == [0, 20, 39]  # and the last step, max_steps - 1
     assert [e.step for e in events.Images("figures/update_ratio")] == [40]
 
 
@@ -64,8 +64,10 @@ def test_default_and_none(tmp_path):
     scalars, histograms, images = expected_tags(1)
     tags = default.Tags()
     assert scalars <= set(tags["scalars"]) and histograms == set(tags["histograms"])
-    assert set(tags["images"]) == {"figures/act", "figures/act_grad", "figures/param_grad"}  # update ratios: 1 point so far
-    assert [e.step for e in default.Scalars("act/saturation/layer1")] == [0]  # every 1000 steps
+    assert set(tags["images"]) == {"figures/act", "figures/act_grad", "figures/param_grad", "figures/update_ratio"}
+    assert [e.step for e in default.Scalars("act/saturation/layer1")] == [0, 39]  # every 1000 steps, and the last
+    assert [e.step for e in default.Histograms("act/layer1")] == [0, 39]
+    assert [e.step for e in default.Images("figures/act")] == [0, 39]
 
     none = run(tmp_path / "none", "callbacks=none")
     tags = none.Tags()

@@ -20,6 +20,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from actgrad.checks import ConfigError
+
 # Settings that change how a run is watched, written or computed, not what it computes.
 NOT_RUN_DEFINING = {
     "callbacks", "checkpoints", "ckpt_path", "threads", "jobs_per_gpu", "steps_per_batch", "log_every_n_steps",
@@ -28,6 +30,10 @@ NOT_RUN_DEFINING = {
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.accelerator", "trainer.devices",
     "trainer.deterministic",
 }
+
+
+class Refused(ConfigError):
+    """This attempt may not start: the message is one line with the way out."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -58,14 +64,14 @@ def load(path, map_location="cpu", key: str | None = None) -> dict:
     path = Path(path)
     name = f"{key}={path}" if key else str(path)
     if not path.is_file():
-        raise ValueError(f"{name}: no such checkpoint file")
+        raise Refused(f"{name}: no such checkpoint file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{name}: holds objects other than tensors and plain containers; refused, "
+        raise Refused(f"{name}: holds objects other than tensors and plain containers; refused, "
                          "since loading it could run code") from None
     except Exception as e:
-        raise ValueError(f"{name}: not a readable checkpoint ({type(e).__name__})") from None
+        raise Refused(f"{name}: not a readable checkpoint ({type(e).__name__})") from None
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -94,10 +100,6 @@ def differences(old: dict, new: dict, limit: int = 4) -> str:
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "(unset)") != new.get(k, "(unset)"))
     said = [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys[:limit]]
     return ", ".join(said) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-class Refused(ValueError):
-    """This attempt may not start: the message is one line with the way out."""
 
 
 class AlreadyCompleted(Exception):

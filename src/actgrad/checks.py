@@ -286,9 +286,12 @@ def check_writable(args: list[str], default: str = "outputs") -> None:
 
 
 def explain(error: Exception) -> str | None:
-    """The one-line message of an error caused by bad settings or data, else None."""
+    """The one-line message of an error caused by bad settings or data, else None (a programming
+    error, which keeps its traceback): a ConfigError (DataError and checkpoint refusals are ones),
+    or a ValueError/TypeError raised by a constructor Hydra called with the user's settings."""
+    from_settings = False
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__  # Hydra wraps what a constructor raised
-    if isinstance(error, (ValueError, TypeError)):
+        error, from_settings = error.__cause__, True  # Hydra wraps what a constructor raised
+    if isinstance(error, ConfigError) or (from_settings and isinstance(error, (ValueError, TypeError))):
         return str(error).splitlines()[0] if str(error) else type(error).__name__
     return None

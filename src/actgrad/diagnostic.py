@@ -2,7 +2,7 @@
 
 actgrad runs many optimizer steps per Lightning batch (see module.py), so a diagnostic is not
 told about steps through Lightning's hooks. Instead the training loop, on every step that
-some diagnostic watches (`step % every_n_steps == 0`), records once what the watching
+some diagnostic watches (`step % every_n_steps == 0`, and the last step, `max_steps - 1`), records once what the watching
 diagnostics declared they need and calls `observe(snapshot)` on each of them, after
 `optimizer.step()`. A diagnostic reads the Snapshot (see actgrad.snapshot), attaches no
 hooks and changes nothing; on the steps it does not watch it costs one modulo.
@@ -40,9 +40,11 @@ class Diagnostic(L.Callback):
             raise ValueError(f"{type(self).__name__}.every_n_steps={every_n_steps!r}: must be a positive whole number")
         self.every_n_steps = every_n_steps
         self.writer = Writer([])
+        self.last_step = None  # max_steps - 1, set when fit starts
 
     def wants(self, step: int) -> bool:
-        return step % self.every_n_steps == 0
+        """Multiples of every_n_steps (step 0 included), and the last step of training, so the end is always there."""
+        return step % self.every_n_steps == 0 or step == self.last_step
 
     def observe(self, snapshot: Snapshot) -> None:
         """Called on each watched step, after optimizer.step(), with that step's snapshot."""

@@ -42,9 +42,10 @@ class Diverged(RuntimeError):
 
 class LanguageModel(L.LightningModule):
     def __init__(self, net, optimizer, scheduler=None, log_every_n_steps=100, val_every_n_steps=5000,
-                 config=None, diverge_above=math.inf, record=None, stop=None):
+                 config=None, diverge_above=math.inf, record=None, stop=None, vocab=None):
         super().__init__()
         self.net = net
+        self.vocab = vocab  # the data's symbols in index order ('.' first), stored in every checkpoint
         self.make_optimizer = optimizer  # partials from Hydra: this module never knows which optimizer
         self.make_scheduler = scheduler
         self.log_every_n_steps, self.val_every_n_steps = log_every_n_steps, val_every_n_steps
@@ -72,7 +73,7 @@ class LanguageModel(L.LightningModule):
         self.writer = Writer.of(self.trainer)
         self.diagnostics = [cb for cb in self.trainer.callbacks if isinstance(cb, Diagnostic)]
         for d in self.diagnostics:
-            d.writer = self.writer
+            d.writer, d.last_step = self.writer, self.trainer.max_steps - 1
         self.lightning_path = needs_lightning_path(self.trainer)
         if self.lightning_path:
             log.info("a callback overrides %s, or precision is %s: every step takes Lightning's documented path "
@@ -96,11 +97,27 @@ class LanguageModel(L.LightningModule):
         checkpoint["actgrad"] = {**self.record, "pending_losses": [float(l) for l in self._losses],
                                  "written_step": step if step is not None else -1,
                                  "written": {k: float(v) for k, v in scalars.items()}}
+        if self.vocab is not None:  # a plain string: what actgrad.load needs, besides the config, to sample
+            checkpoint["actgrad"]["vocab"] = str(self.vocab)
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get("actgrad", {})
         self._losses = [torch.tensor(l, device=self.device) for l in state.get("pending_losses", [])]
         self.written = (state.get("written_step", -1), state.get("written", {}))
+        self.vocab = state.get("vocab", self.vocab)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, **kwargs):
+        """The trained module of a run dir (its checkpoints/last.ckpt) or of a checkpoint file, in eval
+        mode on CPU (or map_location), rebuilt from the config and vocabulary the checkpoint stores:
+        what actgrad.load(path).model is. Lightning's own would need `net` and `optimizer` given."""
+        from actgrad.load import load_module  # actgrad.load imports this module
+
+        if kwargs:
+            raise TypeError(f"LanguageModel.load_from_checkpoint: unexpected {', '.join(sorted(kwargs))}; the model "
+                            "is rebuilt from the config stored in the checkpoint")
+        module = load_module(checkpoint_path)[0]
+        return module.to(map_location) if map_location is not None else module
 
     def training_step(self, batch, batch_idx):
         xs, ys = batch
