@@ -84,7 +84,7 @@ def assert_same(a, b, exact):
         if exact:
             assert torch.equal(sa[k], sb[k]), f"{k} differs by {(sa[k] - sb[k]).abs().max()}"
         else:
-            torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def assert_trained(net, initial):
