@@ -18,6 +18,8 @@ def saturated(layer, threshold: float = 0.97) -> torch.Tensor:
     """
     if isinstance(layer.act, nn.Tanh):
         return layer.out.abs() > threshold
+    if type(layer.act) is nn.ReLU:  # slope 1 where the output is > 0, else 0 (NaN too): autograd's answer, cheaper
+        return ~(layer.out > 0)
     with torch.enable_grad():
         x = layer.pre.detach().requires_grad_()
         (slope,) = torch.autograd.grad(layer.act(x).sum(), x)
@@ -51,14 +53,16 @@ class Activations(Diagnostic):
     def compute(self, snapshot):
         stats = {}
         for name, layer in snapshot.layers.items():
-            flat = saturated(layer, self.threshold)
             stats |= {
                 f"act/mean/{name}": layer.out.mean(),
                 f"act/std/{name}": layer.out.std(),
-                f"act/saturation/{name}": flat.float().mean(),
                 f"preact/mean/{name}": layer.pre.mean(),
                 f"preact/std/{name}": layer.pre.std(),
             }
-            if not isinstance(layer.act, nn.Tanh):
+            if isinstance(layer.act, nn.Tanh):  # saturated(), as 0.0/1.0 in place: no bool tensor to convert
+                stats[f"act/saturation/{name}"] = layer.out.abs().gt_(self.threshold).mean()
+            else:
+                flat = saturated(layer, self.threshold)
+                stats[f"act/saturation/{name}"] = flat.float().mean()
                 stats[f"act/dead/{name}"] = flat.all(0).float().mean()
         return stats

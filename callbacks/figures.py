@@ -20,20 +20,25 @@ FIGURES = {  # tag: (title, x axis, legend statistics)
 }
 
 
-def overlay(title: str, xlabel: str, curves: dict):
-    """One density-histogram line per {legend label: tensor}, as the lecture draws them."""
+def overlay(title: str, xlabel: str, curves: dict, start=None):
+    """One density-histogram line per {legend label: tensor}, as the lecture draws them; with
+    `start` = (title, curves) of the first step, the two side by side on shared axes."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no window
 
-    figure = Figure(figsize=(9, 3.5), dpi=72, layout="tight")
-    ax = figure.add_subplot()
-    for label, values in curves.items():
-        values = values.detach().float().flatten().cpu()
-        values = values[torch.isfinite(values)]
-        if values.numel():
-            density, edges = torch.histogram(values, bins=50, density=True)
-            ax.plot(((edges[:-1] + edges[1:]) / 2).numpy(), density.numpy(), label=label)
-    ax.set(title=title, xlabel=xlabel, ylabel="density")
-    ax.legend(fontsize="small")
+    panels = ([start] if start else []) + [(title, curves)]
+    figure = Figure(figsize=(7 * len(panels), 4.5), dpi=80, layout="constrained")  # >= 1,000 px wide in TensorBoard
+    axes = figure.subplots(1, len(panels), sharex=True, sharey=True, squeeze=False)[0]
+    for ax, (panel_title, panel) in zip(axes, panels):
+        for label, values in panel.items():
+            values = values.detach().float().flatten().cpu()
+            values = values[torch.isfinite(values)]
+            if values.numel():
+                density, edges = torch.histogram(values, bins=50, density=True)
+                ax.plot(((edges[:-1] + edges[1:]) / 2).numpy(), density.numpy(), label=label)
+        ax.set_title(panel_title, fontsize=12)
+        ax.set_xlabel(xlabel, fontsize=11)
+        ax.legend(fontsize=10, loc="upper right")
+    axes[0].set_ylabel("density", fontsize=11)
     return figure
 
 
@@ -44,6 +49,7 @@ class DistributionFigures(Diagnostic):
         super().__init__(every_n_steps)
         self.threshold, self.weights_only = threshold, weights_only
         self.pending = []  # (step, {tag: {label: (tensor, [statistics as 0-d tensors])}}) not drawn yet
+        self.start = {}  # tag -> (title, {label: tensor}) of the first figure drawn
 
     def observe(self, snapshot):
         curves = {tag: {} for tag in FIGURES}
@@ -64,10 +70,10 @@ class DistributionFigures(Diagnostic):
 
     # the data of figures not yet drawn goes into checkpoints: a killed run's resume draws them
     def state_dict(self):
-        return {"pending": self.pending}
+        return {"pending": self.pending, "start": self.start}
 
     def load_state_dict(self, state_dict):
-        self.pending = state_dict.get("pending", [])
+        self.pending, self.start = state_dict.get("pending", []), state_dict.get("start", {})
 
     def on_exception(self, trainer, pl_module, exception):
         self.draw()  # a run that diverged is the one whose figures matter
@@ -79,8 +85,13 @@ class DistributionFigures(Diagnostic):
             for tag, lines in curves.items():
                 title, xlabel, legend = FIGURES[tag]
                 labels = [f"{label}: {legend.format(*values)}" for label, values in zip(lines, next(stats))]
-                figure = overlay(f"{title}, step {step}", xlabel, dict(zip(labels, (t for t, _ in lines.values()))))
-                self.writer.figure(tag, figure, step)
+                labelled = dict(zip(labels, (t.cpu() for t, _ in lines.values())))
+                if self.start.get(tag) is None:
+                    self.start[tag] = (f"{title}, step {step}", labelled)  # the start, beside every later figure
+                    start = None
+                else:
+                    start = self.start[tag]
+                self.writer.figure(tag, overlay(f"{title}, step {step}", xlabel, labelled, start=start), step)
         self.pending = []
 
 

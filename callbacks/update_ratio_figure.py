@@ -43,11 +43,12 @@ class UpdateRatioFigure(Diagnostic):
         from matplotlib.figure import Figure
 
         ratios = torch.stack(self.history).cpu()  # the whole history in one transfer
-        figure = Figure(figsize=(9, 3.5), dpi=72, layout="tight")
+        figure = Figure(figsize=(14, 4.5), dpi=80, layout="constrained")  # >= 1,000 px wide in TensorBoard
         ax = figure.add_subplot()
         for i, name in enumerate(self.names):
             ax.plot(self.steps, ratios[:, i].numpy(), label=name)
         ax.axhline(GUIDE, color="k", linestyle="--", label=f"guide: {GUIDE:g}")
-        ax.set(title="update-to-data ratio: log10(std(update) / std(param))", xlabel="step", ylabel="log10 ratio")
-        ax.legend(fontsize="small")
+        ax.set_title("update-to-data ratio: log10(std(update) / std(param)); about -3 is healthy", fontsize=12)
+        ax.set(xlabel="step", ylabel="log10 ratio")
+        ax.legend(fontsize=10, loc="upper right")
         self.writer.figure("figures/update_ratio", figure, step)

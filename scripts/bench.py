@@ -8,9 +8,10 @@ Every measurement runs in a fresh process (so peak RSS is its own), one torch th
 same data. Each round runs every variant once, in turn, so slow spells of a shared machine
 hit all of them alike; the table gives medians over rounds and each variant's ratio against
 the hand-written eager loop *of the same round*. The framework's time is that of its
-training loop (validation, checkpoints and diagnostics included; the figures drawn after it
-are not), the reference's that of its loop. `callbacks=full` (every diagnostic on every step)
-runs a twentieth of the steps: it is ~30x slower.
+training loop (validation, checkpoints and diagnostics included), the reference's that of its
+loop. The figures, drawn when training ends, are timed apart and reported below the table
+(how many, in how many seconds), not counted in steps/s. `callbacks=full` (every diagnostic
+on every step) runs a fifth of the steps.
 """
 
 import argparse
@@ -42,7 +43,7 @@ VARIANTS = {
         "+callbacks.hook.on_after_backward._target_=operator.is_", "+callbacks.hook.on_after_backward._partial_=true"]),
     "actgrad default, steps_per_batch=1": ("actgrad", ["steps_per_batch=1"]),
 }
-FEWER_STEPS = {"actgrad callbacks=full": 20}  # variant: run steps // this
+FEWER_STEPS = {"actgrad callbacks=full": 5}  # variant: run steps // this (enough that its fixed costs weigh as little)
 
 
 def data_path():
@@ -98,21 +99,46 @@ def framework(steps, overrides, device):
 
     from actgrad.experiment import train
 
+    from actgrad.writer import Writer
+
     class Clock(L.Callback):
+        """The training loop's time, less the figures drawn in other callbacks' on_train_end (timed apart)."""
+
         def on_train_start(self, trainer, module):
+            self.drawing, self.figures = 0.0, 0
+            for cb in trainer.callbacks:
+                if hasattr(cb, "draw"):  # a figure diagnostic: draws its images when training ends
+                    cb.on_train_end = self.timed(cb.on_train_end)
             self.start = time.perf_counter()
 
+        def timed(self, hook):
+            def run(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return hook(*args, **kwargs)
+                finally:
+                    self.drawing += time.perf_counter() - start
+
+            return run
+
         def on_train_end(self, trainer, module):
-            self.seconds = time.perf_counter() - self.start
+            self.seconds = time.perf_counter() - self.start - self.drawing
 
     clock = Clock()
+    figure = Writer.figure
+
+    def counted(self, *args, **kwargs):
+        clock.figures += 1
+        return figure(self, *args, **kwargs)
+
+    Writer.figure = counted  # this child process only: how many images the drawing time is for
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false",
                                            f"trainer.accelerator={device}", *overrides]
                       + ([f"data.path={data_path()}"] if data_path() else []))
     with tempfile.TemporaryDirectory() as run_dir:
         train(cfg, run_dir, extra_callbacks=[clock])
-    return steps / clock.seconds
+    return {"steps_per_s": steps / clock.seconds, "figure_s": clock.drawing, "figures": clock.figures}
 
 
 def measure_one(kind, args, steps, device):
@@ -121,8 +147,8 @@ def measure_one(kind, args, steps, device):
     import torch
 
     torch.set_num_threads(1)
-    speed = reference(steps, args, device) if kind == "reference" else framework(steps, args, device)
-    print(json.dumps({"steps_per_s": speed, "peak_rss_mb": peak_rss_mb()}))
+    result = {"steps_per_s": reference(steps, args, device)} if kind == "reference" else framework(steps, args, device)
+    print(json.dumps(result | {"steps": steps, "peak_rss_mb": peak_rss_mb()}))
 
 
 def run_child(name, steps, device):
@@ -172,6 +198,18 @@ def main():
         kept = statistics.median(d["steps_per_s"] / n["steps_per_s"]
                                  for d, n in zip(results["actgrad default"], results["actgrad callbacks=none"]))
         print(f"\ndefault diagnostics: {kept:.3f}x the steps/s of callbacks=none ({1 - kept:.1%} slower)")
+    if {"actgrad callbacks=full", "actgrad callbacks=none"} <= set(names):
+        full = results["actgrad callbacks=full"]
+        slower = statistics.median(n["steps_per_s"] / f["steps_per_s"] for f, n in zip(full, results["actgrad callbacks=none"]))
+        print(f"callbacks=full: {slower:.2f}x slower than callbacks=none (figures not counted: see below)")
+    for name in names:  # figure drawing, timed apart from the training loop
+        runs = [m for m in results[name] if m.get("figures")]
+        if runs:
+            seconds = statistics.median(m["figure_s"] for m in runs)
+            count = statistics.median(m["figures"] for m in runs)
+            steps = runs[0]["steps"]
+            print(f"{name}: {count:.0f} figures drawn when training ends in {seconds:.2f} s ({1000 * seconds / count:.0f} ms "
+                  f"each); with them, {steps / (steps / statistics.median(m['steps_per_s'] for m in runs) + seconds):,.0f} steps/s")
 
 
 if __name__ == "__main__":

@@ -1,54 +1,34 @@
 """Sample names from a trained run, like the lecture.
 
-    python scripts/sample.py outputs/runs/<date>_<time>/checkpoints/last.ckpt --n 20 --seed 42
+    python scripts/sample.py outputs/runs/<date>_<time>                 # the run's checkpoints/last.ckpt
+    python scripts/sample.py outputs/runs/<date>_<time>/checkpoints/best.ckpt --n 20 --seed 42
+
+Needs nothing but the checkpoint: the model is rebuilt from the config and the vocabulary
+stored in it (actgrad.load), not from the data file.
 """
 
 import argparse
-
-import torch
-from omegaconf import OmegaConf
-
-from actgrad import checkpoint as checkpoint_file
-from actgrad.data import VOCAB
-from actgrad.experiment import build
+import sys
 
 
-def load(checkpoint_path):
-    """Rebuild the run's model from the config stored in its checkpoint, with the trained weights."""
-    checkpoint = checkpoint_file.load(checkpoint_path)  # tensors and plain containers only: runs no code
-    cfg = OmegaConf.create(checkpoint["hyper_parameters"])
-    cfg.data.path = cfg.data.path or None
-    _, module = build(cfg)
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.net.eval(), cfg.data.block_size
-
-
-@torch.no_grad()
-def sample(net, block_size, n, seed):
-    generator = torch.Generator().manual_seed(seed)
-    names = []
-    for _ in range(n):
-        context, out = [0] * block_size, []
-        while True:
-            probs = torch.softmax(net(torch.tensor([context])), dim=-1)
-            ix = torch.multinomial(probs, num_samples=1, generator=generator).item()
-            if ix == 0:
-                break
-            out.append(VOCAB[ix])
-            context = context[1:] + [ix]
-        names.append("".join(out))
-    return names
-
-
-def main():
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
-    parser.add_argument("--n", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=2147483647)
-    args = parser.parse_args()
-    net, block_size = load(args.checkpoint)
-    print("\n".join(sample(net, block_size, args.n, args.seed)))
+    parser.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="a run dir (its checkpoints/last.ckpt, the final weights) or a .ckpt file")
+    parser.add_argument("--n", type=int, default=20, help="how many names (default: 20)")
+    parser.add_argument("--seed", type=int, default=2147483647, help="the same seed gives the same names")
+    args = parser.parse_args(argv)
+
+    import actgrad  # after parsing: --help answers without loading torch
+
+    try:
+        run = actgrad.load(args.run)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(run.sample(args.n, args.seed)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

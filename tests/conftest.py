@@ -26,14 +26,17 @@ def names_txt() -> Path:
     return NAMES_TXT
 
 
-@pytest.fixture
-def small_names(tmp_path) -> Path:
+def census_sample(path: Path) -> Path:
     """300 real first names, from the package the offline fallback uses: no network, no shared/ needed."""
     from actgrad.data import census_names
 
-    path = tmp_path / "small_names.txt"
     path.write_text("\n".join(census_names()[::10][:300]) + "\n")
     return path
+
+
+@pytest.fixture
+def small_names(tmp_path) -> Path:
+    return census_sample(tmp_path / "small_names.txt")
 
 
 def make_config(*overrides):

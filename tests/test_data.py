@@ -14,6 +14,7 @@ def test_lecture_split_counts(names_txt):
     data.prepare()
     counts = {split: len(y) for split, (x, y) in data.splits.items()}
     assert counts == {"train": 182625, "val": 22655, "test": 22866}
+    assert data.vocab == "." + "abcdefghijklmnopqrstuvwxyz" and data.vocab_size == 27  # the lecture's indices
     assert data.describe()["sha256"] == "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
 
 
@@ -42,9 +43,11 @@ def test_split_is_the_lectures_shuffle():
     [
         (b"", "has 0 names"),
         (b"\x00\x01\x02binary", "binary"),
-        (b"anna\nBob\n" + b"carl\n" * 20, "'B'"),
+        (b"anna\nst.john\n" + b"carl\n" * 20, "name 'st.john' has '.', the start and end token"),
+        ("anna\nzo\u00eb\x07\n".encode() + b"carl\n" * 20, "name 'zo\u00eb\\x07' has the control character"),
         (b"anna\n", "has 1 names"),
         (b"\xff\xfe\xfa", "UTF-8"),
+        ("anna\nbob\n".encode("utf-16") * 10, "UTF-8"),
     ],
 )
 def test_bad_data_files_are_named_in_one_line(tmp_path, content, complaint):
@@ -106,13 +109,13 @@ def test_batches_depend_only_on_seed_and_step():
 # --- preparing at scale: vectorized, compact, checked against memory ---------------------------
 
 
-def per_character_examples(words, block_size):
+def per_character_examples(words, block_size, vocab=None):
     """The lecture's loop, written out independently: one (context, next index) per character and the end '.'."""
     xs, ys = [], []
     for w in words:
         context = [0] * block_size
         for ch in w + ".":
-            ix = 0 if ch == "." else ord(ch) - ord("a") + 1
+            ix = 0 if ch == "." else ord(ch) - ord("a") + 1 if vocab is None else vocab.index(ch)
             xs.append(list(context))
             ys.append(ix)
             context = context[1:] + [ix]
@@ -197,3 +200,83 @@ def test_line_ends_blank_lines_and_spaces_read_as_before(tmp_path, content):
     path.write_bytes(content)
     text = content.decode()
     assert read_words(path) == [w.strip() for w in text.splitlines() if w.strip()]  # the old reading
+
+
+# --- any word list: the vocabulary comes from the data -----------------------------------------
+
+
+ACCENTED = ["zoë", "josé", "r2d2", "åsa", "mary ann", "o'brien", "jean-luc", "Zoë"]
+
+
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_accented_digits_and_spaces_make_their_own_vocabulary(tmp_path, block_size):
+    words = [ACCENTED[i % len(ACCENTED)] + "abcdefghij"[i % 10] * (i % 3) for i in range(300)]
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(words) + "\n", encoding="utf-8")
+    data = NamesData(path=str(path), block_size=block_size, split_seed=5)
+    data.prepare()
+    assert data.vocab == "." + "".join(sorted(set("".join(words))))
+    assert data.vocab[:6] == ". '-2Z" and data.vocab.endswith("åéë") and data.vocab_size == len(data.vocab)
+    assert read_words(path) == words and data.words.words == words
+    for split, names in split_words(words, seed=5).items():
+        x, y = data.splits[split]
+        assert x.dtype == y.dtype == torch.uint8
+        assert (x.tolist(), y.tolist()) == per_character_examples(names, block_size, data.vocab), split
+    x, y = build_examples(["zoë", "åsa"], block_size, data.vocab)  # a word list, in the data's vocabulary
+    assert (x.tolist(), y.tolist()) == per_character_examples(["zoë", "åsa"], block_size, data.vocab)
+
+
+@pytest.mark.parametrize("alphabet", ["αβγδεζηθικλμνξοπρστυφχψω", "абвгдеёжзийклмнопрстуфхцчшщъыьэюя",
+                                      "李王张刘陈杨赵黄周吴", "🙂🚀ab"])
+def test_other_scripts_are_prepared_through_code_points(tmp_path, alphabet):
+    rng = random.Random(0)
+    words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))) for _ in range(400)]
+    path = tmp_path / "names.txt"
+    path.write_bytes(("\n".join(words) + "\n").encode())
+    data = NamesData(path=str(path), split_seed=1)
+    data.prepare()
+    assert data.vocab == "." + "".join(sorted(set("".join(words))))
+    for split, names in split_words(words, seed=1).items():
+        x, y = data.splits[split]
+        assert (x.tolist(), y.tolist()) == per_character_examples(names, 3, data.vocab), split
+
+
+def test_a_vocabulary_over_256_symbols_is_stored_in_int16(tmp_path):
+    symbols = [chr(0x4E00 + i) for i in range(300)]
+    words = ["".join(symbols[(7 * i + j) % 300] for j in range(3)) for i in range(300)]
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(words), encoding="utf-8")
+    data = NamesData(path=str(path))
+    data.prepare()
+    assert data.vocab_size == 301 and {t.dtype for xy in data.splits.values() for t in xy} == {torch.int16}
+    x, y = data.splits["train"]
+    names = split_words(words, seed=42)["train"]
+    assert (x.tolist(), y.tolist()) == per_character_examples(names, 3, data.vocab)
+
+
+def test_a_file_without_every_letter_has_only_its_own(tmp_path):
+    path = tmp_path / "names.txt"
+    path.write_text("abba\ncab\n" * 10)
+    data = NamesData(path=str(path))
+    assert data.vocab == ".abc" and data.vocab_size == 4  # prepared on first use
+    assert data.splits["train"][1].max() == 3
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["  zoë \r\n\n josé\r\n".encode() * 6, "zoë\u2028josé\u00a0\n".encode() * 6, "zoë\tx\njosé\n".encode() * 6,
+     b"r2d2  \n\n  c-3po\n" * 6, b"r2d2\r\nc-3po\r\n" * 6, ("\ufeff" + "zoë\njosé\n" * 6).encode()],
+)
+def test_non_letter_files_are_stripped_as_before(tmp_path, content):
+    path = tmp_path / "names.txt"
+    path.write_bytes(content)
+    expected = [w.strip() for w in content.decode("utf-8-sig").splitlines() if w.strip()]  # a BOM is no character
+    assert read_words(path) == expected
+    data = NamesData(path=str(path))
+    assert data.vocab == "." + "".join(sorted(set("".join(expected))))
+    assert sum(len(y) for _, y in data.splits.values()) == sum(len(w) + 1 for w in expected)
+
+
+def test_a_word_outside_the_vocabulary_is_an_error():
+    with pytest.raises(ValueError, match="'é', outside the vocabulary"):
+        build_examples(["josé"], 3)

@@ -53,7 +53,7 @@ def test_full_run_writes_every_tag(tmp_path, norm, activation):
     assert "custom_scalars__config__" in tags["tensors"]
     assert [e.step for e in events.Scalars("act/saturation/layer3")] == list(range(40))  # every step, x = step
     assert {e.value for e in events.Scalars("update_ratio/guide")} == {-3}
-    assert events.Scalars("init/uniform_loss")[0].value == pytest.approx(math.log(27))
+    assert events.Scalars("init/uniform_loss")[0].value == pytest.approx(math.log(11))  # '.' and a-j: ln(V)
     assert [e.step for e in events.Histograms("act_grad/layer2")] == list(range(40))
     assert [e.step for e in events.Images("figures/act")] == [0, 20, 39]  # and the last step, max_steps - 1
     assert [e.step for e in events.Images("figures/update_ratio")] == [40]

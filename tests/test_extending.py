@@ -35,10 +35,10 @@ def test_a_diagnostic_from_a_folder_of_ones_own_is_added_with_one_override(small
                           env=dict(os.environ, PYTHONPATH=str(tmp_path / "mine")))
     assert proc.returncode == 0, proc.stderr[-2000:]
     logged = scalars(run_dir)
-    assert [s for s, _ in logged["mine/loss_x2"]] == [0, 10, 20, 30]
+    assert [s for s, _ in logged["mine/loss_x2"]] == [0, 10, 20, 30, 39]  # and the last step
     from actgrad.events import steps as logged_steps
 
-    assert logged_steps(run_dir)[("histogram", "mine/out")] == [0, 10, 20, 30]
+    assert logged_steps(run_dir)[("histogram", "mine/out")] == [0, 10, 20, 30, 39]
 
 
 class CountHooks(Callback):

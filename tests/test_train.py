@@ -112,12 +112,17 @@ def test_bad_overrides_fail_in_one_line_and_leave_nothing(override, complaint, t
 
 
 def test_sample_script_rebuilds_the_run_and_samples_names(small_names, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from sample import load, sample
-
     cfg = make_config(*TINY, f"data.path={small_names}")
-    train(cfg, tmp_path)
-    net, block_size = load(tmp_path / "checkpoints" / "last.ckpt")
-    names = sample(net, block_size, n=10, seed=1)
-    assert names == sample(net, block_size, n=10, seed=1) != sample(net, block_size, n=10, seed=2)
+    train(cfg, tmp_path / "run")
+    small_names.rename(tmp_path / "moved.txt")  # the checkpoint is all it needs
+
+    def sample(path, seed):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), str(path), "--n", "10",
+                               "--seed", str(seed)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    names = sample(tmp_path / "run", seed=1)  # a run dir: its checkpoints/last.ckpt
+    assert len(names) == 10 and all(names)
+    assert names == sample(tmp_path / "run" / "checkpoints" / "last.ckpt", seed=1) != sample(tmp_path / "run", seed=2)
     assert all(set(name) <= set("abcdefghijklmnopqrstuvwxyz") for name in names)

@@ -1,14 +1,18 @@
 """The names data set: where it comes from, how it becomes tensors, how batches are drawn.
 
-As in makemore: the vocabulary is '.' (start and end token, index 0) plus a-z, every name
-becomes one example per character (its context of `block_size` previous characters, padded
-with '.'), and the *names* are split 80/10/10 after a seeded shuffle.
+As in makemore: every name becomes one example per character (its context of `block_size`
+previous characters, padded with '.'), and the *names* are split 80/10/10 after a seeded
+shuffle. The vocabulary comes from the data: '.' (start and end token, index 0) plus the
+sorted set of characters in the file, so the lecture's names.txt gives '.' + a-z (indices
+0..26) and a file of names with accents, digits or another script (UTF-8) gives its own.
 
 Preparing scales to files of hundreds of MB: the names stay one text (no Python string per
 name), the examples are made with array operations, column by column, and stored in the
-smallest integer type that holds the vocabulary (uint8 for 27 symbols): (block_size + 1)
+smallest integer type that holds the vocabulary (uint8 up to 256 symbols): (block_size + 1)
 bytes per character of the file, not 8x that in int64. Training batches are converted to
-int64 (what nn.Embedding and cross_entropy take) only when drawn.
+int64 (what nn.Embedding and cross_entropy take) only when drawn. A text of one byte per
+character (ASCII, or Latin-1 once decoded) becomes indices through bytes.translate; a wider
+one through numpy, over its code points.
 """
 
 import functools
@@ -17,7 +21,7 @@ import logging
 import math
 import os
 import random
-import re
+import unicodedata
 import urllib.request
 from dataclasses import dataclass
 from importlib import resources
@@ -28,39 +32,44 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from actgrad.checks import ConfigError
+
 log = logging.getLogger(__name__)
 
 NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
 NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
-VOCAB = "." + ALPHABET  # index 0 is the start/end token
-STOI = {ch: i for i, ch in enumerate(VOCAB)}
+VOCAB = "." + ALPHABET  # the lecture's vocabulary (names.txt's); a data set's own is NamesData.vocab
+END = "."  # index 0 of every vocabulary: the start and end token
+UTF8_BOM = b"\xef\xbb\xbf"
+LINE_ENDS = "\r\n"  # what ends a name as '.' does (any other line separator is rewritten to \n when read)
 CENSUS = "census-1990-first-names"
 LETTERS = ALPHABET.encode()
-NOT_IN_VOCAB = 255
-# byte -> vocabulary index, for bytes.translate: a line end ends a name as '.' does; anything else is NOT_IN_VOCAB
-ENCODE = bytes(0 if chr(b) in "\r\n" else STOI.get(chr(b), NOT_IN_VOCAB) for b in range(256))
 # Peak memory of preparing, per byte of the file, besides the examples ((block_size + 1) bytes a
 # character): the text and its codes, where each name starts and its size (16 bytes a name), and
 # the shuffle's arrays (~30 bytes a name at their peak). scripts/bench_data.py measures 5.0 on
 # 200 MB of census names (~7 bytes a name) at block_size 3 and 8; files of shorter names take more.
+# A file that is not ASCII is also held decoded (1, 2 or 4 bytes a character, by its widest one).
 PREPARE_BYTES_PER_BYTE = 8
+CHUNK = 1 << 22  # characters a time, where numpy works over code points (4 bytes each)
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A data file or setting we cannot use; the message says which and why."""
 
 
 @dataclass
 class Words:
-    text: bytes  # the names, one a line, only a-z: a list of str would take ~10x the file
+    text: bytes | str  # the names, one a line: ASCII stays bytes; anything else is the decoded str, read once
     name: str  # where they came from, recorded in the run's hyperparameters
     sha256: str
     count: int
+    vocab: str = VOCAB  # '.' and the sorted characters of the names: index i is vocab[i]
 
     @property
     def words(self) -> list[str]:
-        return self.text.decode("ascii").split()
+        text = self.text.decode("ascii") if isinstance(self.text, bytes) else self.text
+        return [w for w in text.splitlines() if w]
 
 
 def sha256_of(path: Path) -> str:
@@ -91,19 +100,22 @@ def available_memory() -> int | None:
     return None
 
 
-def memory_needed(file_size: int, block_size: int) -> int:
-    """Estimated peak bytes of preparing a names file of file_size bytes (the interpreter and torch aside)."""
-    examples = (block_size + 1) * index_dtype(len(VOCAB)).itemsize  # per character, all splits together
-    return file_size * (PREPARE_BYTES_PER_BYTE + examples)
+def memory_needed(file_size: int, block_size: int, decoded_bytes: int = 0, index_bytes: int = 1) -> int:
+    """Estimated peak bytes of preparing a names file of file_size bytes (the interpreter and torch aside).
+
+    decoded_bytes: bytes a character of the decoded text, if the file is not ASCII (0 if it is);
+    index_bytes: bytes an index takes (1 up to 256 symbols)."""
+    examples = (block_size + 1) * index_bytes  # per character, all splits together
+    return file_size * (PREPARE_BYTES_PER_BYTE + decoded_bytes + examples)
 
 
-def check_memory(path: Path, block_size: int) -> None:
-    """Refuse a file too big for this machine before reading it, rather than die of a MemoryError midway."""
+def check_memory(path: Path, block_size: int, decoded_bytes: int = 0, index_bytes: int = 1) -> None:
+    """Refuse a file too big for this machine before preparing it, rather than die of a MemoryError midway."""
     available = available_memory()
     if available is None:
         return
     size = path.stat().st_size
-    needed = memory_needed(size, block_size)
+    needed = memory_needed(size, block_size, decoded_bytes, index_bytes)
     if needed > available:
         raise DataError(
             f"data.path={path}: a file of {size / 1e6:.1f} MB needs about {needed / 1e9:.1f} GB of memory to "
@@ -112,10 +124,12 @@ def check_memory(path: Path, block_size: int) -> None:
         )
 
 
-def read_names(path: Path, block_size: int = 3) -> tuple[bytes, int]:
-    """(text, count): the names of a file, one a line, lower-case a-z; anything else is a clear error, not a silent fix.
+def read_names(path: Path, block_size: int = 3) -> tuple[bytes | str, int, str]:
+    """(text, count, vocab): the names of a file, one a line (UTF-8), and their vocabulary.
 
-    block_size is the context the names will be prepared for: it sizes the memory check.
+    Lines are stripped and blank ones dropped; a file we cannot use (binary, not UTF-8, fewer
+    than 10 names, a name with '.' or a control character) is a one-line DataError, not a silent
+    fix. block_size is the context the names will be prepared for: it sizes the memory check.
     """
     path = Path(path)
     if path.is_dir():
@@ -124,49 +138,138 @@ def read_names(path: Path, block_size: int = 3) -> tuple[bytes, int]:
         raise DataError(f"data.path={path}: no such file (give a text file with one name per line)")
     check_memory(path, block_size)
     try:
-        text = path.read_bytes()
+        raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"data.path={path}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
-    if text.translate(None, LETTERS + b"\r\n"):  # more than a-z and line ends: spaces to strip, or an error
-        words = checked_words(path, text)
-        text, count = "\n".join(words).encode(), len(words)
+    if raw.startswith(UTF8_BOM):  # what some editors put first: not part of the first name
+        raw = raw[len(UTF8_BOM):]
+    seen = byte_set(raw)
+    if seen and seen[-1] >= 0x80:  # not ASCII: decoded once, and held as a str
+        wide = 4 if seen[-1] >= 0xF0 else 2 if any(0xC4 <= b < 0xF0 for b in seen) else 1
+        check_memory(path, block_size, decoded_bytes=wide, index_bytes=1 if wide == 1 else 2)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"data.path={path}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
+        chars = utf8_characters(raw, seen)
+        del raw
     else:
-        count = count_names(text)
+        text, chars = raw, seen.decode("ascii")
+    if "\x00" in chars:
+        raise DataError(f"data.path={path}: is a binary file, not one name per line")
+    if needs_cleaning(text, chars):
+        text = cleaned(text)
+        chars = characters(text)
+    check_characters(path, text, chars)
+    count = count_names(text)
     if count < 10:
         raise DataError(f"data.path={path}: has {count} names; at least 10 are needed for an 80/10/10 split")
-    return text, count
+    return text, count, vocab_of(chars)
 
 
-def count_names(text: bytes) -> int:
-    """The runs of letters in a text of a-z and line ends."""
-    if b"\r" not in text and b"\n\n" not in text and not text.startswith(b"\n"):  # one name a line: count lines
-        return text.count(b"\n") + (not text.endswith(b"\n")) if text else 0
-    letter = np.frombuffer(text, np.uint8) >= ord("a")
-    return int(letter[:1].sum() + np.count_nonzero(letter[1:] & ~letter[:-1]))
+def byte_set(data: bytes) -> bytes:
+    """The distinct bytes of data, sorted: those of a 64 kB piece, then the rest with those deleted,
+    and so on; bytes.translate's passes, two or three on a names file, and no array of the file."""
+    found = set()
+    while data:
+        found |= set(data[:1 << 16])
+        data = data.translate(None, bytes(found))
+    return bytes(sorted(found))
+
+
+def characters(text: bytes | str) -> str:
+    """The distinct characters of a text, sorted by code point."""
+    if isinstance(text, bytes):
+        return byte_set(text).decode("ascii")
+    return utf8_characters(text.encode("utf-8"))
+
+
+def utf8_characters(raw: bytes, seen: bytes | None = None) -> str:
+    """The distinct characters of UTF-8 text, sorted by code point; seen: byte_set(raw), if known."""
+    seen = byte_set(raw) if seen is None else seen
+    found = bytes(b for b in seen if b < 0x80).decode("ascii")
+    if not seen or seen[-1] < 0x80:
+        return found
+    # deleting the ASCII bytes of UTF-8 leaves whole characters: the non-ASCII ones
+    rest = raw.translate(None, bytes(range(0x80))).decode("utf-8")
+    one_byte = single_bytes(rest)
+    if one_byte is not None:  # Latin-1: a byte each, as ASCII
+        return found + byte_set(one_byte).decode("latin-1")
+    present = np.zeros(0x110000, bool)
+    for start in range(0, len(rest), CHUNK):
+        present[np.frombuffer(rest[start:start + CHUNK].encode("utf-32-le"), "<u4")] = True
+    return found + "".join(map(chr, np.flatnonzero(present).tolist()))
+
+
+def single_bytes(text: str) -> bytes | None:
+    """The text a byte a character (Latin-1), or None if it has a wider one."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def needs_cleaning(text: bytes | str, chars: str) -> bool:
+    """Whether the names' lines need stripping: blank lines and \\r (\\r\\n line ends) are read as they
+    are, and spaces within a name are part of it; any other whitespace, or spaces at a line's ends, are not."""
+    if any(c.isspace() and c not in " \r\n" for c in chars):
+        return True
+    if isinstance(text, str) and ("\r" in chars or "\n\n" in text or text.startswith("\n")):
+        return True  # a str is kept one name a line
+    if " " not in chars:
+        return False
+    space, ends = (b" ", (b"\n", b"\r")) if isinstance(text, bytes) else (" ", ("\n", "\r"))
+    return (text.startswith(space) or text.endswith(space)
+            or any(space + end in text or end + space in text for end in ends))
+
+
+def cleaned(text: bytes | str) -> bytes | str:
+    """The stripped lines of a text, blank ones dropped, one a line (a Python string a name: ~10x the file)."""
+    decoded = text.decode("ascii") if isinstance(text, bytes) else text
+    joined = "\n".join(w for w in map(str.strip, decoded.splitlines()) if w)
+    return joined.encode("ascii") if isinstance(text, bytes) else joined
+
+
+def check_characters(path: Path, text: bytes | str, chars: str) -> None:
+    """One line naming the first name with '.' (the end token) or a control character."""
+    if END in chars:
+        raise DataError(f"data.path={path}: name {name_at(text, END)!r} has '.', the start and end token of "
+                        f"every name; remove or replace it")
+    for c in chars:
+        if c not in LINE_ENDS and not c.isspace() and unicodedata.category(c) == "Cc":
+            raise DataError(f"data.path={path}: name {name_at(text, c)!r} has the control character {c!r}; "
+                            f"give plain text, one name per line")
+
+
+def name_at(text: bytes | str, char: str) -> str:
+    """The (first) name of a text in which char occurs."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii")
+    at = text.index(char)
+    start = max(text.rfind("\n", 0, at), text.rfind("\r", 0, at)) + 1
+    ends = [i for i in (text.find("\n", at), text.find("\r", at)) if i >= 0]
+    return text[start:min(ends, default=len(text))]
+
+
+def vocab_of(chars: str) -> str:
+    """'.' and the characters of the names, sorted: line ends are not symbols."""
+    return END + "".join(c for c in chars if c not in LINE_ENDS)
+
+
+def count_names(text: bytes | str) -> int:
+    """The names (non-empty lines) of a text."""
+    nl, cr = ("\n", "\r") if isinstance(text, str) else (b"\n", b"\r")
+    if cr not in text and nl + nl not in text and not text.startswith(nl):  # one name a line: count lines
+        return text.count(nl) + (not text.endswith(nl)) if text else 0
+    codes = np.frombuffer(text, np.uint8)  # only bytes get here (a str is kept one name a line)
+    in_name = (codes != ord("\n")) & (codes != ord("\r"))
+    return int(in_name[:1].sum() + np.count_nonzero(in_name[1:] & ~in_name[:-1]))
 
 
 def read_words(path: Path, block_size: int = 3) -> list[str]:
     """The names of a file as a list (read_names checks them)."""
-    return read_names(path, block_size)[0].decode("ascii").split()
-
-
-def checked_words(path: Path, raw: bytes) -> list[str]:
-    """The names of a file with more than a-z and line ends: its stripped lines, or the first bad one named."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data.path={path}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
-    if "\x00" in text:
-        raise DataError(f"data.path={path}: is a binary file, not one name per line")
-    words = [w for w in map(str.strip, text.splitlines()) if w]
-    joined = "\n".join(words)
-    bad = re.search(r"[^a-z\n]", joined)  # one regex over the whole text, not a set per name
-    if bad:
-        w = words[joined.count("\n", 0, bad.start())]
-        raise DataError(
-            f"data.path={path}: name {w!r} has {''.join(sorted(set(w) - set(ALPHABET)))!r}; accepted characters are a-z"
-        )
-    return words
+    text = read_names(path, block_size)[0]
+    return [w for w in (text.decode("ascii") if isinstance(text, bytes) else text).splitlines() if w]
 
 
 def download(url: str, dest: Path, sha256: str, timeout: float = 10.0) -> None:
@@ -216,28 +319,61 @@ def load_words(path: str | None, cache_dir: str, url: str = NAMES_URL, block_siz
             )
             words = census_names()
             text = "\n".join(words).encode()
-            return Words(text, CENSUS, hashlib.sha256(text).hexdigest(), len(words))
+            return Words(text, CENSUS, hashlib.sha256(text).hexdigest(), len(words), vocab_of(characters(text)))
     return words_of_file(cached, "names.txt", block_size)
 
 
 def words_of_file(path: Path, name: str, block_size: int) -> Words:
-    text, count = read_names(path, block_size)
-    return Words(text, name, sha256_of(path), count)
+    text, count, vocab = read_names(path, block_size)
+    return Words(text, name, sha256_of(path), count, vocab)
 
 
-def build_examples(words: list[str], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (context, next character) pair of every word (a-z), as in makemore, in a compact integer type."""
-    y = encode(words)
+def build_examples(words: list[str], block_size: int, vocab: str = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (context, next character) pair of every word, as in makemore, in a compact integer type.
+
+    vocab: the symbols, index order ('.' first); the lecture's '.' + a-z by default."""
+    y = encode(words, vocab)
     return torch.from_numpy(context_windows(y, block_size)), torch.from_numpy(y)
 
 
-def encode(words: list[str]) -> np.ndarray:
+def encode(words: list[str], vocab: str = VOCAB) -> np.ndarray:
     """The words one after another, each ended by '.', as vocabulary indices: the targets of their examples."""
-    text = ("\n".join(words) + "\n").encode("ascii") if words else b""
-    codes = np.frombuffer(text.translate(ENCODE), np.uint8)
-    if (codes == NOT_IN_VOCAB).any():
-        raise ValueError(f"a word has a character outside the vocabulary {VOCAB!r}")
-    return codes.astype(index_dtype(len(VOCAB)))
+    text = "".join(w + "\n" for w in words)
+    unknown = set(text) - set(vocab[1:]) - {"\n"}
+    if unknown:
+        raise ValueError(f"a word has {''.join(sorted(unknown))!r}, outside the vocabulary {vocab!r}")
+    return np.require(indices(text, vocab), requirements="W")  # a tensor of it may be written to
+
+
+@functools.lru_cache(maxsize=8)
+def byte_table(vocab: str) -> bytes:
+    """byte -> index, for bytes.translate of a text of a byte a character (ASCII, Latin-1); line ends -> 0."""
+    table = bytearray(256)
+    for i, c in enumerate(vocab[1:], 1):
+        table[ord(c)] = i
+    return bytes(table)
+
+
+def indices(text: bytes | str, vocab: str) -> np.ndarray:
+    """A text as indices of vocab (each of its characters must be there), line ends as 0 ('.').
+
+    A byte a character (ASCII bytes, or a str whose vocabulary is Latin-1): bytes.translate. Wider:
+    numpy, a chunk of code points at a time, through a table from code point to index."""
+    dtype = index_dtype(len(vocab))
+    if isinstance(text, str):
+        top = max(vocab)
+        if top <= "\xff":
+            text = text.encode("latin-1")
+        else:
+            table = np.zeros(ord(top) + 1, dtype)  # line ends (and nothing else absent from vocab) -> 0
+            table[[ord(c) for c in vocab[1:]]] = np.arange(1, len(vocab))
+            unit, width = ("utf-16-le", "<u2") if top < "\U00010000" else ("utf-32-le", "<u4")
+            out = np.empty(len(text), dtype)
+            for start in range(0, len(text), CHUNK):
+                points = np.frombuffer(text[start:start + CHUNK].encode(unit), width)
+                np.take(table, points, out=out[start:start + len(points)])
+            return out
+    return np.frombuffer(text.translate(byte_table(vocab)), np.uint8).astype(dtype, copy=False)
 
 
 def context_windows(y: np.ndarray, block_size: int) -> np.ndarray:
@@ -265,13 +401,14 @@ def split_words(words: list[str], seed: int) -> dict[str, list[str]]:
     return {"train": words[:n1], "val": words[n1:n2], "test": words[n2:]}
 
 
-def prepare_splits(text: bytes, seed: int, block_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """build_examples of each split of split_words(names, seed), from the names' text (names one a line, a-z).
+def prepare_splits(text: bytes | str, seed: int, block_size: int,
+                   vocab: str = VOCAB) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """build_examples of each split of split_words(names, seed), from the names' text (one a line).
 
     The same examples, made from arrays: no Python string per name (~60 bytes each), and the
     shuffle's order computed with array operations (lecture_order).
     """
-    codes, starts, sizes = name_codes(text)
+    codes, starts, sizes = name_codes(text, vocab)
     order = lecture_order(len(starts), seed)
     n1, n2 = int(0.8 * len(order)), int(0.9 * len(order))
     splits = {}
@@ -281,12 +418,12 @@ def prepare_splits(text: bytes, seed: int, block_size: int) -> dict[str, tuple[t
     return splits
 
 
-def name_codes(text: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def name_codes(text: bytes | str, vocab: str = VOCAB) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes, starts, sizes): the text as vocabulary indices, line ends as 0 (the end token '.'),
     where each name starts in codes, and its size with the 0 that ends it."""
-    if text and text[-1] not in b"\r\n":
-        text += b"\n"  # the last name too is followed by a 0
-    codes = np.frombuffer(text.translate(ENCODE), np.uint8).astype(index_dtype(len(VOCAB)), copy=False)
+    if text and text[-1] not in (b"\r\n" if isinstance(text, bytes) else LINE_ENDS):
+        text += b"\n" if isinstance(text, bytes) else "\n"  # the last name too is followed by a 0
+    codes = indices(text, vocab)
     ends = np.flatnonzero(codes == 0)  # the 0 after each name, and those of empty lines and of \r\n's \n
     starts = np.zeros_like(ends)
     np.add(ends[:-1], 1, out=starts[1:])  # a name starts just after the previous 0
@@ -503,7 +640,6 @@ class NamesData(L.LightningDataModule):
             raise DataError(f"data.batch_size={batch_size}: must be a positive whole number")
         self.path, self.cache_dir, self.url = path, cache_dir, url
         self.block_size, self.batch_size, self.split_seed = block_size, batch_size, split_seed
-        self.vocab_size = len(VOCAB)
         # loop settings, set by the trainer side (actgrad.experiment) before fit
         self.steps_per_batch, self.max_steps, self.seed, self.cadences = 1, 1, 0, ()
         self.words = None
@@ -513,7 +649,17 @@ class NamesData(L.LightningDataModule):
         if self.words is not None:
             return
         self.words = load_words(self.path, self.cache_dir, self.url, self.block_size)
-        self.splits = prepare_splits(self.words.text, self.split_seed, self.block_size)
+        self.splits = prepare_splits(self.words.text, self.split_seed, self.block_size, self.words.vocab)
+
+    @property
+    def vocab(self) -> str:
+        """The symbols of the data, in index order: '.' (start and end token) and the sorted characters of the names."""
+        self.prepare()
+        return self.words.vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
 
     def setup(self, stage=None):
         self.prepare()

@@ -60,3 +60,20 @@ class Diagnostic(L.Callback):
 def layout(diagnostics) -> dict:
     """Every diagnostic's charts, one custom-scalars category per diagnostic."""
     return {type(d).__name__: d.charts for d in diagnostics if d.charts}
+
+
+START_HERE = """**What this run logs, and what healthy looks like** (the lecture's rules of thumb)
+
+| tags | what they show | healthy |
+|---|---|---|
+| `init/loss`, `init/uniform_loss` | the loss before the first step, and ln(V) | about equal (ln 27 = 3.30); far higher: the output layer starts confidently wrong |
+| `train/loss`, `val/loss` | mean of each logging interval; the whole validation split | going down together; val far above train: overfitting |
+| `act/saturation/layerN` | share of outputs where the nonlinearity is flat (tanh: abs(t) > 0.97) | a few percent; tens of percent: the layer's input is too large |
+| `act/std`, `preact/std` | spread of each layer's output and input | similar across layers (tanh with gain 5/3 keeps it near 1 at init) |
+| `act_grad/std` | the gradient at each layer's output | similar across layers: nothing vanishes or explodes with depth |
+| `param_grad/data_ratio` | std(grad) / std(weight) | similar across weights |
+| `update_ratio/...` | log10(std(update) / std(weight)) per step | about -3; far below: learns too slowly; above -2: too fast |
+| HISTOGRAMS, IMAGES | whole distributions per layer, the start beside later steps | no pile-up at +-1 (tanh), no collapse to 0 |
+
+In SCALARS set smoothing to 0 and untick "Ignore outliers in chart scaling": both hide a bad start.
+The HPARAMS tab compares runs by the choices made (init, norm, optimizer, overridden values)."""

@@ -2,9 +2,12 @@
 what scripts/report.py, the tests and anyone comparing runs see (it honours the purge markers
 a resumed run writes, as the TensorBoard server does)."""
 
+import logging
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its INFO lines about file paths are noise in a run's log
 
 EVERYTHING = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0, "compressedHistograms": 0, "audio": 0}
 

@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from actgrad import sweep  # noqa: F401  (registers the resolvers conf/config.yaml uses)
+from actgrad import events, hparams, sweep  # noqa: F401  (sweep registers the resolvers conf/config.yaml uses)
 from actgrad.checks import ConfigError, check_config, explain
 from actgrad.checkpoint import AlreadyCompleted, AtomicCheckpointIO, check_shapes, config_hash, plan_start, run_config
 from actgrad.module import Diverged, LanguageModel
@@ -62,18 +62,9 @@ def build(cfg: DictConfig):
         val_every_n_steps=cfg.val_every_n_steps,
         config=OmegaConf.to_container(cfg, resolve=True),
         diverge_above=DIVERGED_AT * math.log(data.vocab_size),
+        vocab=data.vocab,
     )
     return data, module
-
-
-def flat(d: dict, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 def prepare(cfg: DictConfig, run: RunDir):
@@ -211,7 +202,7 @@ def fit(cfg, run: RunDir, data, module, start, extra_callbacks) -> dict:
     if results["status"] == "completed":
         finish(cfg, trainer, module, data, results)
     if results["status"] != "failed" or not results["error"].startswith("OSError"):  # a disk that failed once is
-        write_end(trainer, logger, cfg, data, results)                                  # not written to again
+        write_end(trainer, logger, cfg, results)                                  # not written to again
     run.write_status(results)
     run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
                      "signal": results.get("signal")})
@@ -234,18 +225,31 @@ def finish(cfg, trainer, module, data, results) -> None:
     results.update({f"final/{split}_loss": float(loss) for split, loss in losses.items()})
 
 
-def write_end(trainer, logger, cfg, data, results: dict) -> None:
+def final_values(logger, results: dict) -> dict:
+    """final/* at the final step: the losses, the step, the diverged step, each layer's last saturation."""
+    step = results["steps"]
+    finals = {k: v for k, v in results.items() if k.startswith("final/")} | {"final/steps": step}
+    if results["status"] == "diverged":
+        finals["final/diverged_step"] = step
+    logger.experiment.flush()
+    for tag, points in events.scalars(logger.log_dir).items():
+        if tag.startswith("act/saturation/"):
+            finals[f"final/saturation/{tag.rsplit('/', 1)[-1]}"] = points[-1][1]
+    return finals
+
+
+def write_end(trainer, logger, cfg, results: dict) -> None:
     """The run's end in TensorBoard: final values at the final step, the hyperparameters, the status.
     An interrupted run writes only its status: the attempt that resumes it purges from this step."""
     step = results["steps"]
     try:
         if results["status"] != "interrupted":
-            finals = {k: v for k, v in results.items() if k.startswith("final/")} | {"final/steps": step}
-            Writer.of(trainer).scalars(finals, step)
-            hparams = flat(OmegaConf.to_container(cfg, resolve=True)) | flat(data.describe(), "dataset.")
+            Writer.of(trainer).scalars(final_values(logger, results), step)
+            columns = hparams.columns(cfg) or {"seed": cfg.seed}  # no Hydra (train() called directly): no choices
             # torch's summary.hparams, written into the run's own file: Lightning's log_hyperparams would
             # also write the metrics at step 0, and SummaryWriter.add_hparams into a new run of its own
-            for summary in hparams_summary(hparams | {"status": results["status"]}, dict.fromkeys(finals, 0.0)):
+            for summary in hparams_summary(columns | {"status": results["status"]},
+                                           dict.fromkeys(hparams.metrics(cfg), 0.0)):
                 logger.experiment.file_writer.add_summary(summary)
         logger.experiment.add_text("status", yaml.safe_dump(results, sort_keys=False), step)
         logger.finalize(results["status"])

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from actgrad.diagnostic import Diagnostic, layout
+from actgrad.diagnostic import START_HERE, Diagnostic, layout
 from actgrad.snapshot import Recorder
 from actgrad.writer import Writer
 
@@ -58,7 +58,7 @@ class LanguageModel(L.LightningModule):
         self._losses = []  # per-step losses on the device since the last write: no host sync per step
         self.written = (None, {})  # (step, scalars) last written by the loop: a resume writes them again
         if config is not None:
-            self.save_hyperparameters(config)  # stored in checkpoints, so a run can be rebuilt from one
+            self.save_hyperparameters(config, logger=False)  # in checkpoints; HPARAMS gets our columns (hparams.py)
 
     def forward(self, idx):
         return self.net(idx)
@@ -80,6 +80,8 @@ class LanguageModel(L.LightningModule):
                      "(about 0.8x the speed of the fast path)", "/".join(LIGHTNING_STEP_HOOKS), self.trainer.precision)
         if self.global_step == 0:  # TensorBoard keeps one layout per run
             self.writer.charts(layout(self.diagnostics))
+            if self.diagnostics:
+                self.writer.text("start here", START_HERE, 0)
 
     def on_train_start(self):
         step, scalars = self.written
@@ -111,7 +113,7 @@ class LanguageModel(L.LightningModule):
         """The trained module of a run dir (its checkpoints/last.ckpt) or of a checkpoint file, in eval
         mode on CPU (or map_location), rebuilt from the config and vocabulary the checkpoint stores:
         what actgrad.load(path).model is. Lightning's own would need `net` and `optimizer` given."""
-        from actgrad.load import load_module  # actgrad.load imports this module
+        from actgrad.run import load_module  # actgrad.run imports this module
 
         if kwargs:
             raise TypeError(f"LanguageModel.load_from_checkpoint: unexpected {', '.join(sorted(kwargs))}; the model "

@@ -1,17 +1,28 @@
 """The one place that writes what a run logs: scalars, histograms, figures, charts, text.
 
-Diagnostics and the training loop hand it tensors; it moves them to the host in one transfer
-per call and writes them to every configured logger (TensorBoard also takes histograms,
-figures, charts and text; other loggers take the scalars).
+Diagnostics and the training loop hand it tensors. `write` (and `scalars`, `histograms`, which
+call it) reduces each histogram's tensor on its device to min, max, sum, sum of squares and the
+counts of BUCKETS equal buckets over [min, max], moves those and the scalars to the host in one
+transfer, and writes them as one TensorBoard event (one Summary of many values) to every
+TensorBoard logger; other loggers take the scalars. A histogram of a tensor holding NaN or inf
+is written without them, and `<tag>/nonfinite` (a scalar) says how many there were.
 """
+
+import math
+from contextlib import contextmanager
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+from torch.utils.tensorboard import SummaryWriter
+
+BUCKETS = 30  # per histogram: TensorBoard's own display rebins to about as many
 
 
 class Writer:
     def __init__(self, loggers):
         self.loggers = list(loggers)
+        self.pending = None  # inside batch(): {step: (scalars, histograms)} not written yet
 
     @classmethod
     def of(cls, trainer) -> "Writer":
@@ -23,22 +34,76 @@ class Writer:
 
     def scalars(self, values: dict, step: int) -> dict:
         """Stack on the device, move to the host in one transfer, write to every logger at `step`."""
-        if not values:
-            return {}
-        floats = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in values.values()]).tolist()
-        metrics = dict(zip(values, floats))
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
-        return metrics
+        return self.write(values, {}, step)
 
     def histograms(self, tensors: dict, step: int) -> None:
-        writers = self.tensorboards()
-        for tag, tensor in tensors.items():
-            values = tensor.detach().float().flatten()
-            values = values[torch.isfinite(values)]  # TensorBoard's histogram rejects NaN and inf
-            if values.numel():
-                for writer in writers:
-                    writer.add_histogram(tag, values.cpu(), step)
+        """One histogram per {tag: tensor} (TensorBoard only), at `step`."""
+        self.write({}, tensors, step)
+
+    def write(self, scalars: dict, histograms: dict, step: int) -> dict:
+        """Scalars ({tag: number or one-element tensor}) and histograms ({tag: tensor}) of one step:
+        one device-to-host transfer, one event per TensorBoard logger. Returns the scalars as floats,
+        with `<histogram tag>/nonfinite` for each histogram that held NaN or inf."""
+        if not scalars and not histograms:
+            return {}
+        hist_tags = [tag for tag, t in histograms.items() if t.numel()]
+        floats, rows = to_host(list(scalars.values()), [histogram_row(histograms[tag]) for tag in hist_tags])
+        metrics, hists = dict(zip(scalars, floats)), {}
+        for tag, row in zip(hist_tags, rows):
+            if not all(map(math.isfinite, row[:4])):  # NaN or inf inside (or squares past float32): again, exactly
+                values = histograms[tag].detach().reshape(-1).double().cpu()
+                finite = values[torch.isfinite(values)]
+                if len(finite) < len(values):
+                    metrics[f"{tag}/nonfinite"] = float(len(values) - len(finite))
+                if not len(finite):
+                    continue
+                row = to_host([], [histogram_row(finite)])[1][0]
+            hists[tag] = histogram_proto(row)
+        if self.pending is not None:  # batch(): merged into the step's one event
+            held = self.pending.setdefault(step, ({}, {}))
+            held[0].update(metrics)
+            held[1].update(hists)
+        elif metrics or hists:
+            self.emit(metrics, hists, step)
+        return metrics
+
+    @contextmanager
+    def batch(self):
+        """Every write inside is still moved to the host at once (its floats are returned), but
+        written when the block ends, as one event per step and logger: e.g. around all the
+        diagnostics of one step. Written even if the block raises."""
+        if self.pending is not None:  # nested: the outer block writes
+            yield self
+            return
+        self.pending = {}
+        try:
+            yield self
+        finally:
+            pending, self.pending = self.pending, None
+            for step, (metrics, hists) in pending.items():
+                if metrics or hists:
+                    self.emit(metrics, hists, step)
+
+    def emit(self, metrics: dict, hists: dict, step: int) -> None:
+        """Host values to every logger: one Summary event per TensorBoard writer."""
+        summary = None
+        for logger in self.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                if metrics:
+                    logger.log_metrics(metrics, step=step)
+                continue
+            writer = logger.experiment
+            if isinstance(writer, SummaryWriter) and writer.file_writer is not None:
+                if summary is None:
+                    summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in metrics.items()]
+                                      + [Summary.Value(tag=tag, histo=h) for tag, h in hists.items()])
+                writer.file_writer.add_summary(summary, step)
+            else:  # tensorboardX's writer, a closed one, another rank's stand-in: its own calls, a value each
+                for tag, v in metrics.items():
+                    writer.add_scalar(tag, v, step)
+                for tag, h in hists.items():
+                    writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares,
+                                             list(h.bucket_limit), list(h.bucket), step)
 
     def figure(self, tag: str, figure, step: int) -> None:
         for writer in self.tensorboards():
@@ -55,3 +120,53 @@ class Writer:
     def text(self, tag: str, text: str, step: int) -> None:
         for writer in self.tensorboards():
             writer.add_text(tag, text, step)
+
+
+def histogram_row(tensor: torch.Tensor) -> tuple:
+    """(min, max, sum, sum of squares, counts in BUCKETS equal buckets over [min, max]) of a non-empty
+    tensor, as tensors on its device, without a transfer; float32 (float64 for float64 input).
+
+    A value x goes to bucket floor((x - min) / ((max - min) / BUCKETS)), the maximum to the last; a
+    constant tensor's (0 / 0) to some bucket: histogram_proto gives it one of its own. With NaN or inf
+    inside, the statistics are not finite and the counts meaningless, but every index is in range."""
+    x = tensor.detach().reshape(-1)
+    if not x.is_floating_point() or x.element_size() < 4:
+        x = x.float()
+    lo, hi = torch.aminmax(x)
+    index = (x - lo).div_((hi - lo) / BUCKETS).int().clamp_(0, BUCKETS - 1)  # NaN's int is clamped too
+    return lo, hi, x.sum(), torch.dot(x, x), torch.bincount(index, minlength=BUCKETS)
+
+
+def to_host(scalars: list, rows: list) -> tuple[list, list]:
+    """Numbers and one-element tensors -> floats; histogram_row tuples -> lists of 4 + BUCKETS floats.
+    One transfer per device (one in all, when everything is on one device), in float64: counts are exact."""
+    floats = [v if isinstance(v, torch.Tensor) else float(v) for v in scalars]
+    lists = [None] * len(rows)
+    by_device = {}
+    for i, v in enumerate(scalars):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, ([], []))[0].append(i)
+    for i, row in enumerate(rows):
+        by_device.setdefault(row[0].device, ([], []))[1].append(i)
+    for scalar_at, row_at in by_device.values():
+        values = [scalars[i].detach().reshape(()) for i in scalar_at] + [v for i in row_at for v in rows[i][:4]]
+        host = torch.cat([torch.stack(values).double()] + [rows[i][4] for i in row_at]).tolist()  # counts: to float64
+        for k, i in enumerate(scalar_at):
+            floats[i] = host[k]
+        stats, counts = len(scalar_at), len(scalar_at) + 4 * len(row_at)
+        for k, i in enumerate(row_at):
+            lists[i] = host[stats + 4 * k: stats + 4 * k + 4] + host[counts + BUCKETS * k: counts + BUCKETS * (k + 1)]
+    return floats, lists
+
+
+def histogram_proto(row: list) -> HistogramProto:
+    """A HistogramProto from histogram_row's values on the host, in torch's own layout: bucket_limit
+    holds right edges, so an empty first bucket ends at the minimum."""
+    lo, hi, total, squares, counts = row[0], row[1], row[2], row[3], row[4:]
+    n = round(sum(counts))
+    if hi > lo:
+        limits = [lo + (hi - lo) * i / BUCKETS for i in range(BUCKETS)] + [hi]
+    else:  # every value the same: one bucket around it
+        limits, counts = [lo - 0.5, lo + 0.5], [n]
+    return HistogramProto(min=lo, max=hi, num=n, sum=total, sum_squares=squares,
+                          bucket_limit=limits, bucket=[0.0, *counts])

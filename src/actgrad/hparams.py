@@ -1,0 +1,54 @@
+"""The HPARAMS tab: one experiment for a sweep, whose columns are the choices a user made.
+
+Columns are the config groups' choices (`init`, `norm`, `optimizer`, ...: Hydra's runtime
+choices; a group set to null reads "none") and the values overridden on the command line
+(`optimizer.lr`, `seed`, ...), for a sweep the union over all its jobs, so every run has every
+column and TensorBoard, which shows one run's experiment definition for all, tells them apart.
+Metrics are the lecture's numbers. Not the loggers' flattening of the whole config, which makes
+a column of every `_target_`.
+"""
+
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+NOT_CHOICES = ("hydra/", "callbacks", "progress_bar", "search", "trainer")  # how a run is watched or launched
+NOT_COLUMNS = ("hydra.", "data.path", "ckpt_path", "init_from", "trainer.enable_progress_bar", "callbacks")
+METRICS = ["init/loss", "init/uniform_loss", "final/train_loss", "final/val_loss", "final/test_loss", "final/steps",
+           "final/diverged_step"]
+
+
+def overridden_keys() -> list[str]:
+    """The keys set on the command line: this run's, and in a sweep every job's (the sweep's command line)."""
+    hydra = HydraConfig.get()
+    lines = list(hydra.overrides.task)
+    sweep_file = Path(hydra.sweep.dir) / "multirun.yaml"
+    if hydra.mode.name == "MULTIRUN" and sweep_file.is_file():
+        lines += list(OmegaConf.load(sweep_file).hydra.overrides.task)
+    keys = [o.get_key_element() for o in OverridesParser.create().parse_overrides(lines)]
+    keys += list(hydra.sweeper.get("params") or {})  # a search (Optuna) declares what it varies
+    return list(dict.fromkeys(k.lstrip("+~") for k in keys))
+
+
+def columns(cfg: DictConfig) -> dict:
+    """{column: value}: the group choices and the overridden settings of this run."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    choices = {group: str(option).lower() if option is not None else "none"
+               for group, option in hydra.runtime.choices.items() if not group.startswith(NOT_CHOICES)}
+    values = {}  # what the command line set comes first: TensorBoard shows the first columns by default
+    for key in overridden_keys():
+        if key in choices:
+            values[key] = choices[key]
+        elif not key.startswith(NOT_COLUMNS):
+            value = OmegaConf.select(cfg, key, default=None)
+            values[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return values | choices
+
+
+def metrics(cfg: DictConfig) -> list[str]:
+    """The metric columns: the lecture's numbers, and each hidden layer's final saturation."""
+    return METRICS + [f"final/saturation/layer{i}" for i in range(1, cfg.model.n_layers + 1)]

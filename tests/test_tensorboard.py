@@ -1,0 +1,91 @@
+"""What a person sees in TensorBoard, checked through a real `tensorboard` server's HTTP API."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from actgrad.events import scalars, steps
+
+from conftest import ROOT, TINY
+
+ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port, path, body):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    from conftest import census_sample
+
+    folder = tmp_path_factory.mktemp("tb")
+    names = census_sample(folder / "names.txt")
+    args = ["-m", "init=naive,kaiming", "norm=none,batchnorm", "optimizer.lr=0.05", *TINY, "callbacks=default",
+            "trainer.max_steps=30", f"data.path={names}", "hydra/launcher=local", f"hydra.sweep.dir={folder / 'sweep'}"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return folder / "sweep"
+
+
+@pytest.fixture(scope="module")
+def server(sweep):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--port", str(port),
+                             "--bind_all"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if post(port, "/data/plugin/hparams/experiment", {"experimentName": ""}).get("hparamInfos"):
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_hparams_tell_the_sweeps_runs_apart(server):
+    experiment = post(server, "/data/plugin/hparams/experiment", {"experimentName": ""})
+    columns = {h["name"] for h in experiment["hparamInfos"]}
+    assert {"init", "norm", "optimizer", "optimizer.lr", "status"} <= columns
+    assert not [c for c in columns if "_target_" in c]
+    metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
+    assert {"init/loss", "init/uniform_loss", "final/train_loss", "final/val_loss", "final/test_loss",
+            "final/saturation/layer1", "final/diverged_step"} <= metrics
+    groups = post(server, "/data/plugin/hparams/session_groups", {
+        "experimentName": "", "allowedStatuses": ALL_STATUSES, "colParams": [], "startIndex": 0, "sliceSize": 100})
+    rows = {(g["hparams"]["init"], g["hparams"]["norm"]): g for g in groups["sessionGroups"]}
+    assert set(rows) == {("naive", "none"), ("naive", "batchnorm"), ("kaiming", "none"), ("kaiming", "batchnorm")}
+    for row in rows.values():
+        assert set(row["hparams"]) == columns  # every run has every column
+        values = {m["name"]["tag"]: m["value"] for m in row["metricValues"]}
+        assert {"init/loss", "final/val_loss", "final/saturation/layer1"} <= set(values)
+    naive = {m["name"]["tag"]: m["value"] for m in rows[("naive", "none")]["metricValues"]}
+    assert naive["init/loss"] > 5 * naive["init/uniform_loss"]  # the lecture's confidently wrong start
+
+
+def test_final_values_sit_at_the_final_step_and_the_last_step_is_logged(sweep):
+    for run in sweep.iterdir():
+        if not run.is_dir():
+            continue
+        logged = scalars(run)
+        for tag in ("final/val_loss", "final/train_loss", "final/steps", "test/loss"):
+            assert [s for s, _ in logged[tag]] == [30], tag  # not a lone dot at step 0
+        assert steps(run)[("histogram", "act/layer1")] == [0, 29]  # cadence 10,000, and the last step
