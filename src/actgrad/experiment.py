@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as hparams_summary
+from torch.utils.tensorboard.writer import FileWriter
 
 from actgrad import events, hparams, sweep  # noqa: F401  (sweep registers the resolvers conf/config.yaml uses)
 from actgrad.checks import ConfigError, check_config, explain
@@ -246,11 +247,13 @@ def write_end(trainer, logger, cfg, results: dict) -> None:
         if results["status"] != "interrupted":
             Writer.of(trainer).scalars(final_values(logger, results), step)
             columns = hparams.columns(cfg) or {"seed": cfg.seed}  # no Hydra (train() called directly): no choices
-            # torch's summary.hparams, written into the run's own file: Lightning's log_hyperparams would
+            # torch's summary.hparams, written into the run's own dir: Lightning's log_hyperparams would
             # also write the metrics at step 0, and SummaryWriter.add_hparams into a new run of its own
+            hparams_file = FileWriter(logger.log_dir)
             for summary in hparams_summary(columns | {"status": results["status"]},
                                            dict.fromkeys(hparams.metrics(cfg), 0.0)):
-                logger.experiment.file_writer.add_summary(summary)
+                hparams_file.add_summary(summary, step)
+            hparams_file.close()
         logger.experiment.add_text("status", yaml.safe_dump(results, sort_keys=False), step)
         logger.finalize(results["status"])
     except OSError as e:
