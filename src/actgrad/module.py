@@ -11,7 +11,7 @@ Each step takes one of two paths, decided once when fit starts:
 - Lightning's documented path (`manual_backward`, then `LightningOptimizer.step`), where
   Lightning calls every callback's `on_before_backward`, `on_after_backward` and
   `on_before_optimizer_step`, and a precision plugin scales and unscales: when a callback
-  overrides one of those hooks, or the precision is not 32-bit. About 0.8x the speed.
+  overrides one of those hooks, or the precision is not 32-bit. About half the speed (bench.py).
 - the fast path otherwise: plain PyTorch, and the optimizer's own `clear_grads`/`update`
   (actgrad.optim: one flat buffer, no per-call wrapper), Lightning told the step count per chunk.
 On the steps a diagnostic watches, both paths record one Snapshot (actgrad.snapshot) for them.
@@ -77,7 +77,7 @@ class LanguageModel(L.LightningModule):
         self.lightning_path = needs_lightning_path(self.trainer)
         if self.lightning_path:
             log.info("a callback overrides %s, or precision is %s: every step takes Lightning's documented path "
-                     "(about 0.8x the speed of the fast path)", "/".join(LIGHTNING_STEP_HOOKS), self.trainer.precision)
+                     "(about half the speed of the fast path)", "/".join(LIGHTNING_STEP_HOOKS), self.trainer.precision)
         if self.global_step == 0:  # TensorBoard keeps one layout per run
             self.writer.charts(layout(self.diagnostics))
             if self.diagnostics:
