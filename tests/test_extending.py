@@ -86,3 +86,43 @@ def test_a_callback_without_step_hooks_keeps_the_fast_path(small_names, tmp_path
     assert not needs_lightning_path(type("T", (), {"callbacks": [quiet], "precision": "32-true"}))
     assert needs_lightning_path(type("T", (), {"callbacks": [quiet], "precision": "bf16-mixed"}))
     assert needs_lightning_path(type("T", (), {"callbacks": [CountHooks()], "precision": "32-true"}))
+
+
+def test_a_stacked_snapshot_gives_each_member_its_own_snapshot():
+    """A run of M stacked members (leading dimension M on every tensor) hands member i's diagnostics
+    snapshot.member(i): what a run of one would have recorded."""
+    from actgrad.snapshot import Layer, Snapshot
+    from callbacks.activations import Activations
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(3, 16, 8, generator=g)
+    stacked = Snapshot(step=5, loss=torch.rand(3, generator=g), lr=0.1,
+                       layers={"layer1": Layer(torch.nn.Tanh(), pre, pre.tanh(), torch.randn(3, 16, 8, generator=g))},
+                       params={"layer1.weight": torch.randn(3, 8, 4, generator=g)},
+                       grads={"layer1.weight": torch.randn(3, 8, 4, generator=g)})
+    d = Activations(every_n_steps=1)
+    for i in range(3):
+        alone = Snapshot(step=5, loss=stacked.loss[i], lr=0.1,
+                         layers={"layer1": Layer(torch.nn.Tanh(), pre[i], pre[i].tanh(), stacked.layers["layer1"].grad[i])},
+                         params={"layer1.weight": stacked.params["layer1.weight"][i]},
+                         grads={"layer1.weight": stacked.grads["layer1.weight"][i]})
+        a, b = d.compute(stacked.member(i)), d.compute(alone)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert d.compute(stacked.member(0))["act/std/layer1"] != d.compute(stacked.member(1))["act/std/layer1"]
+
+
+def test_an_exception_in_a_diagnostic_stops_the_run_with_its_traceback_and_keeps_the_checkpoint(small_names, tmp_path,
+                                                                                                  caplog):
+    from actgrad.diagnostic import Diagnostic
+
+    class Buggy(Diagnostic):
+        def compute(self, snapshot):
+            if snapshot.step == 30:
+                raise ZeroDivisionError("a bug in a diagnostic")
+            return {}
+
+    cfg = make_config(*TINY, f"data.path={small_names}", "checkpoint_every_n_steps=20")
+    results = train(cfg, tmp_path, extra_callbacks=[Buggy(every_n_steps=10)])
+    assert results["status"] == "failed" and "ZeroDivisionError: a bug in a diagnostic" in results["error"]
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)  # the traceback is logged
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
