@@ -31,10 +31,14 @@ def overlay(title: str, xlabel: str, curves: dict, start=None):
     for ax, (panel_title, panel) in zip(axes, panels):
         for label, values in panel.items():
             values = values.detach().float().flatten().cpu()
-            values = values[torch.isfinite(values)]
-            if values.numel():
-                density, edges = torch.histogram(values, bins=50, density=True)
+            finite = values[torch.isfinite(values)]
+            if len(finite) < len(values):  # drawn without them, and said so
+                label += f" ({len(values) - len(finite)} NaN/inf left out)"
+            if finite.numel():
+                density, edges = torch.histogram(finite, bins=50, density=True)
                 ax.plot(((edges[:-1] + edges[1:]) / 2).numpy(), density.numpy(), label=label)
+            else:
+                ax.plot([], [], label=label)
         ax.set_title(panel_title, fontsize=12)
         ax.set_xlabel(xlabel, fontsize=11)
         ax.legend(fontsize=10, loc="upper right")

@@ -1,8 +1,9 @@
 """Histograms per layer for TensorBoard's HISTOGRAMS and DISTRIBUTIONS tabs.
 
 act/layerN, preact/layerN, act_grad/layerN and param_grad/<param>: the same quantities as
-the scalar diagnostics, whole. A histogram costs ~3-8 ms to write (TensorBoard checksums
-it in Python), ~10x a training step, hence the low default cadence.
+the scalar diagnostics, whole. actgrad.writer bins each on its device into 30 buckets and
+writes them in one event: ~40 us a histogram of the default model (~0.6 KB of event
+file), so every_n_steps=1 is affordable for a short run; the default cadence keeps files small.
 """
 
 from actgrad.diagnostic import Diagnostic

@@ -49,8 +49,8 @@ class Diagnostic(L.Callback):
     def observe(self, snapshot: Snapshot) -> None:
         """Called on each watched step, after optimizer.step(), with that step's snapshot."""
         values = self.compute(snapshot)
-        self.writer.scalars({k: v for k, v in values.items() if v.ndim == 0}, snapshot.step)
-        self.writer.histograms({k: v for k, v in values.items() if v.ndim > 0}, snapshot.step)
+        self.writer.write({k: v for k, v in values.items() if v.ndim == 0},
+                          {k: v for k, v in values.items() if v.ndim > 0}, snapshot.step)
 
     def compute(self, snapshot: Snapshot) -> dict:
         """{tag: tensor} from one step's snapshot."""

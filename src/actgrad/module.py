@@ -132,8 +132,9 @@ class LanguageModel(L.LightningModule):
             loss = step_once(xs[i], ys[i], recorder)
             if watching:
                 snapshot = recorder.snapshot(step, loss, self.lr())
-                for d in watching:
-                    d.observe(snapshot)
+                with self.writer.batch():  # one TensorBoard event for every diagnostic of the step
+                    for d in watching:
+                        d.observe(snapshot)
             self._losses.append(loss.detach())
         if not self.lightning_path:
             count_optimizer_steps(self.trainer, len(xs))

@@ -6,15 +6,35 @@ counts of BUCKETS equal buckets over [min, max], moves those and the scalars to 
 transfer, and writes them as one TensorBoard event (one Summary of many values) to every
 TensorBoard logger; other loggers take the scalars. A histogram of a tensor holding NaN or inf
 is written without them, and `<tag>/nonfinite` (a scalar) says how many there were.
+
+Those events go to an event file of this writer's own (EventFile) beside the logger's, in
+TensorBoard's record format, checksummed in C by the `crc32c` package and written at once:
+torch's SummaryWriter checksums every byte in Python, on a thread that takes the interpreter
+lock from the training loop (~0.1 us a byte, ~0.5 ms a step with every diagnostic on). The file
+is named after the logger's own file plus ".actgrad", so TensorBoard reads it right after that
+one: a resumed run's purge marker (at the start of its logger's file) drops what the killed
+attempt wrote here past its checkpoint too. Figures, charts and text go through the logger's
+SummaryWriter; without `crc32c` installed, everything does.
 """
 
 import math
+import os
+import socket
+import struct
+import time
+import weakref
 from contextlib import contextmanager
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from torch.utils.tensorboard import SummaryWriter
+
+try:
+    from crc32c import crc32c  # C (hardware where there is one): the `crc32c` package
+except ImportError:  # without it, events go through the SummaryWriter (and its checksum in Python)
+    crc32c = None
 
 BUCKETS = 30  # per histogram: TensorBoard's own display rebins to about as many
 
@@ -93,12 +113,16 @@ class Writer:
                     logger.log_metrics(metrics, step=step)
                 continue
             writer = logger.experiment
-            if isinstance(writer, SummaryWriter) and writer.file_writer is not None:
+            if isinstance(writer, SummaryWriter) and writer.file_writer is not None:  # open
                 if summary is None:
                     summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in metrics.items()]
                                       + [Summary.Value(tag=tag, histo=h) for tag, h in hists.items()])
-                writer.file_writer.add_summary(summary, step)
-            else:  # tensorboardX's writer, a closed one, another rank's stand-in: its own calls, a value each
+                events = EventFile.of(writer)
+                if events is not None:
+                    events.write(Event(wall_time=time.time(), step=int(step), summary=summary))
+                else:
+                    writer.file_writer.add_summary(summary, step)
+            else:  # closed (its own calls open it again, in a new file), tensorboardX's, another rank's stand-in
                 for tag, v in metrics.items():
                     writer.add_scalar(tag, v, step)
                 for tag, h in hists.items():
@@ -120,6 +144,56 @@ class Writer:
     def text(self, tag: str, text: str, step: int) -> None:
         for writer in self.tensorboards():
             writer.add_text(tag, text, step)
+
+
+class EventFile:
+    """An event file of our own beside a SummaryWriter's: TensorBoard's record format (length, masked
+    CRC-32C of the length, the serialized Event, masked CRC-32C of it), written and flushed at each
+    event, so a reader (or a killed run) always has every event written so far."""
+
+    files = weakref.WeakKeyDictionary()  # SummaryWriter -> its EventFile: one per writer, shared by every Writer
+
+    def __init__(self, logdir: str):
+        self.path = os.path.join(logdir, file_name(logdir))
+        self.file = open(self.path, "ab")
+        self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    @classmethod
+    def of(cls, writer) -> "EventFile | None":
+        """The EventFile beside an open torch SummaryWriter (made on first use); None without `crc32c`."""
+        if crc32c is None:
+            return None
+        events = cls.files.get(writer)
+        if events is None:
+            events = cls.files[writer] = cls(writer.get_logdir())
+        return events
+
+    def write(self, event: Event) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self.file.write(b"".join((header, struct.pack("<I", masked_crc(header)), data, struct.pack("<I", masked_crc(data)))))
+        self.file.flush()
+
+
+def file_name(logdir: str) -> str:
+    """The name of the file that torch's SummaryWriter made last in logdir from this process
+    (events.out.tfevents.<time>.<host>.<pid>.<n>), plus ".actgrad": TensorBoard reads a run's files in
+    the order of their names, so this one comes right after that writer's (and its purge marker),
+    before any later attempt's. Without such a file: one named as torch would, at this time."""
+    host, pid, newest = socket.gethostname(), str(os.getpid()), None
+    for name in os.listdir(logdir):
+        parts = name.split(".")
+        if name.startswith("events.out.tfevents.") and name.endswith(f".{host}.{pid}.{parts[-1]}") and parts[-1].isdigit():
+            key = (parts[3], int(parts[-1]))
+            if newest is None or key > newest[0]:
+                newest = (key, name)
+    return f"{newest[1]}.actgrad" if newest else f"events.out.tfevents.{int(time.time()):010d}.{host}.{pid}.actgrad"
+
+
+def masked_crc(data: bytes) -> int:
+    """TensorBoard's record checksum: CRC-32C, rotated right by 15 bits, plus a constant."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def histogram_row(tensor: torch.Tensor) -> tuple:
