@@ -14,19 +14,9 @@ from actgrad.model import MLP
 from callbacks.bn_calibration import BNCalibration
 
 from conftest import TINY, make_config
+from test_diagnostics import Recorder
 
 torch.set_num_threads(1)
-
-
-class Recorder:
-    """A logger that keeps every scalar: {tag: {step: value}}."""
-
-    def __init__(self):
-        self.scalars = {}
-
-    def log_metrics(self, metrics, step):
-        for tag, value in metrics.items():
-            self.scalars.setdefault(tag, {})[step] = value
 
 
 def make_splits(n_train=1000, n_val=300):

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -114,7 +114,6 @@ class Start:
     ckpt_path: str | None = None
     step: int = 0
     init_weights: dict | None = None  # init_from: another run's weights, fresh optimizer, step 0
-    record: dict = field(default_factory=dict)  # {"config_hash", "run_config"} of this run
 
 
 def check_same_run(found: dict | None, ours: dict, where: str, hint_ckpt: str | None) -> None:
@@ -137,7 +136,7 @@ def plan_start(run_dir: Path, cfg: DictConfig, record: dict, status: dict | None
         check_same_run(run_yaml, record, f"{run_dir} (run.yaml)", str(last) if last.is_file() else None)
         if status and status.get("status") == "completed" and not cfg.ckpt_path:
             raise AlreadyCompleted(status)
-    start = Start(record=record)
+    start = Start()
     path = cfg.ckpt_path or (str(last) if last.is_file() else None)
     if path:
         checkpoint = load(path, key="ckpt_path" if cfg.ckpt_path else None)

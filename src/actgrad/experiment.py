@@ -152,7 +152,7 @@ def fit(cfg, run: RunDir, data, module, start, extra_callbacks) -> dict:
     if not (run.path / "run.yaml").is_file():
         run.write_yaml("run.yaml", module.record)
     save_hydra_record(cfg, run.path)
-    for torn in run.path.glob("checkpoints/.*.partial"):  # an earlier attempt of this run killed mid-write
+    for torn in run.path.glob("checkpoints/.*.ckpt.*.partial"):  # AtomicCheckpointIO's, of an attempt killed mid-write
         torn.unlink()
     run.write_status({"status": "training", "pid": os.getpid(), "from_step": start.step})
     run.log_attempt({"outcome": "started", "from_step": start.step})
