@@ -145,6 +145,18 @@ class _FlatOptimizer(torch.optim.Optimizer):
                              "keeps every parameter in one flat buffer")
         super().add_param_group(param_group)
 
+    def member_index(self, members: int) -> Tensor:
+        """For parameters stacked along a leading member dimension (actgrad.stack): the member of each
+        element of the flat buffers (padding: 0), to spread per-member hyperparameters over them:
+        `group["lr"] = lrs[optimizer.member_index(len(lrs))]`."""
+        index = torch.zeros(self.flat_params.numel(), dtype=torch.long, device=self.flat_params.device)
+        for p, offset in zip(self.param_groups[0]["params"], self._flat_offsets):
+            if p.shape[0] != members:
+                raise ValueError(f"member_index: a parameter of shape {tuple(p.shape)} is not stacked {members} times")
+            index[offset : offset + p.numel()] = torch.arange(members, device=index.device).repeat_interleave(
+                p.numel() // members)
+        return index
+
     def clear_grads(self) -> None:
         """Zero every gradient: one zero_() of the flat gradient buffer. The .grad views stay."""
         self.flat_grads.zero_()

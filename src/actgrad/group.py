@@ -1,0 +1,634 @@
+"""Train a group of a sweep's runs that share one shape as one stacked model, in one process.
+
+Each member stays a normal run: its own run dir (.hydra/, run.yaml, status.yaml, attempts),
+its own TensorBoard run with a single run's tags, its own diagnostics (fed `snapshot.member(i)`),
+and its own checkpoints in a single run's format: the stacked trainer's checkpoint is cut into
+one per member as it is written (`StackedCheckpointIO`), and glued back together on a resume.
+A member that diverges is recorded and frozen; the others go on.
+
+What may differ inside a group (everything else is the same computation): the seed, the init,
+the optimizer's numbers (lr, momentum, weight decay, betas, eps) and the diagnostics' settings.
+See `group_key`.
+"""
+
+import copy
+import logging
+import math
+import os
+import signal
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from actgrad import experiment
+from actgrad.checkpoint import AtomicCheckpointIO, AlreadyCompleted, config_hash, load, plan_start, run_config
+from actgrad.checks import check_config, explain
+from actgrad.diagnostic import START_HERE, Diagnostic, layout
+from actgrad.module import LanguageModel, count_optimizer_steps
+from actgrad.rundir import Busy, RunDir, note_before_hydra
+from actgrad.snapshot import Recorder
+from actgrad.stack import StackedMLP, member_state, stack_states, stackable
+from actgrad.stop import StopRequest
+from actgrad.writer import Writer
+
+log = logging.getLogger(__name__)
+
+MEMBER_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "betas", "eps")  # optimizer values a member may have its own of
+FREE_KEYS = ("seed", "init", "callbacks", "hydra", "checkpoint_every_n_steps", "threads", "jobs_per_gpu")
+# callbacks of actgrad's own that read a member through the view below (their hooks: start and end of training)
+MEMBER_HOOKS = ("on_train_start", "on_train_end", "on_exception", "state_dict", "load_state_dict")
+
+
+def group_key(cfg: DictConfig) -> str | None:
+    """Runs with equal keys can train as one stacked model; None: this run trains alone."""
+    if cfg.get("ckpt_path") or cfg.get("init_from") or cfg.get("compile") or not cfg.get("optimizer"):
+        return None
+    if not str(cfg.optimizer.get("_target_", "")).startswith("actgrad.optim."):
+        return None  # the stacked update needs actgrad.optim's flat buffers
+    if not all(member_callback(c) for c in (cfg.callbacks or {}).values()):
+        return None  # a plain Lightning callback would see the whole stack
+    shared = OmegaConf.to_container(cfg, resolve=False)
+    for key in FREE_KEYS:
+        shared.pop(key, None)
+    shared["optimizer"] = {k: v for k, v in shared["optimizer"].items() if k not in MEMBER_NUMBERS}
+    shared["trainer"] = {k: v for k, v in shared["trainer"].items() if k != "enable_progress_bar"}
+    return OmegaConf.to_yaml(OmegaConf.create(shared))
+
+
+def member_callback(node) -> bool:
+    """A diagnostic, or one of actgrad's callbacks whose Lightning hooks a member view can serve."""
+    try:
+        cls = instantiate({"_target_": "hydra.utils.get_class", "path": node["_target_"]})
+    except Exception:
+        return False
+    if issubclass(cls, Diagnostic) or cls.__module__.startswith("callbacks."):
+        return all(name in MEMBER_HOOKS or getattr(cls, name) is getattr(L.Callback, name)
+                   for name in dir(L.Callback) if name.startswith("on_"))
+    return False
+
+
+@dataclass
+class Member:
+    """One run of the group: its config, dir, own (unstacked) module, loggers and state."""
+
+    cfg: DictConfig  # the run's config (as train.py gets it)
+    full: DictConfig  # with the `hydra` node: what HydraConfig holds while this member is handled
+    run: RunDir
+    module: LanguageModel  # its own MLP: built and initialised as a single run would, then stacked
+    start: object
+    data: object = None
+    logger: TensorBoardLogger = None
+    writer: Writer = None
+    callbacks: list = field(default_factory=list)
+    best: object = None  # its ModelCheckpoint (state only: the group saves best.ckpt itself)
+    losses: list = field(default_factory=list)
+    written: tuple = (None, {})
+    results: dict | None = None  # set when the member ends early (diverged)
+
+    @property
+    def diagnostics(self):
+        return [c for c in self.callbacks if isinstance(c, Diagnostic)]
+
+
+class MemberTrainer:
+    """What a member's callbacks see of the trainer: the group's step, the member's data and loggers."""
+
+    def __init__(self, trainer, member: Member):
+        self.trainer, self.member = trainer, member
+
+    @property
+    def global_step(self):
+        return self.trainer.global_step
+
+    @property
+    def max_steps(self):
+        return self.trainer.max_steps
+
+    @property
+    def datamodule(self):
+        return self.member.data
+
+    @property
+    def loggers(self):
+        return [self.member.logger]
+
+    @property
+    def logger(self):
+        return self.member.logger
+
+    @property
+    def callbacks(self):
+        return self.member.callbacks
+
+
+def hydra_of(full: DictConfig) -> None:
+    """Make a member's config the current Hydra config (the .hydra record, HPARAMS columns and stop file read it)."""
+    if "hydra" in full:
+        HydraConfig.instance().set_config(full)
+
+
+def task_config(full: DictConfig) -> DictConfig:
+    """The config without its `hydra` node, as Hydra hands it to train.py."""
+    cfg = copy.deepcopy(full)
+    with read_write(cfg), open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def prepare_member(full: DictConfig, run_dir: Path, data_cache: dict) -> Member | dict:
+    """A member ready to stack, or the results of a run that will not train in this group."""
+    hydra_of(full)
+    cfg = task_config(full)
+    note_before_hydra(run_dir)  # what a refusal may not remove
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    run = RunDir(run_dir)
+    try:
+        run.lock()
+    except Busy as e:
+        log.error("%s", e)
+        return {"status": "failed", "error": str(e)}
+    try:
+        check_config(cfg)
+        L.seed_everything(cfg.seed, verbose=False)
+        key = OmegaConf.to_yaml(cfg.data)
+        if key not in data_cache:  # one copy of the data per group: the members read the same file
+            data_cache[key] = instantiate(cfg.data)
+            data_cache[key].prepare()
+        data = data_cache[key]
+        norm = instantiate(cfg.norm) if cfg.norm else None
+        net = instantiate(cfg.model, vocab_size=data.vocab_size, block_size=data.block_size, norm=norm)
+        instantiate(cfg.init)(net)
+        instantiate(cfg.optimizer)(net.parameters())  # its settings checked now, one line if bad
+        module = LanguageModel(net, optimizer=None, log_every_n_steps=cfg.log_every_n_steps,
+                               val_every_n_steps=cfg.val_every_n_steps, config=OmegaConf.to_container(cfg, resolve=True),
+                               diverge_above=experiment.DIVERGED_AT * math.log(data.vocab_size), vocab=data.vocab)
+        record = run_config(cfg, data.describe()["sha256"])
+        module.record = {"config_hash": config_hash(record), "run_config": record}
+        start = plan_start(run.path, cfg, module.record, run.status(), run.read_yaml("run.yaml"))
+    except AlreadyCompleted as done:
+        run.unlock()
+        run.log_attempt({"outcome": "already completed"})
+        return done.status | {"skipped": True}
+    except Exception as e:
+        message = explain(e)
+        if message is None:
+            run.unlock()
+            raise
+        log.error("%s: %s", run.path, message)
+        experiment.refuse(run, message, record=True)
+        run.unlock()
+        return {"status": "failed", "error": message}
+    if not stackable(net):
+        run.unlock()
+        return {"status": "failed", "error": f"model {type(net).__name__} cannot be stacked"}
+    return Member(cfg, full, run, module, start, data=data)
+
+
+class StackedData(L.LightningDataModule):
+    """Every member's minibatches of a step, stacked: (steps, members, batch, block)."""
+
+    def __init__(self, members: list[Member], steps_per_batch: int, max_steps: int, cadences: tuple):
+        super().__init__()
+        self.members = members
+        self.loaders = {}
+        for m in members:  # members of one seed draw the same batches: draw them once
+            m.data.steps_per_batch, m.data.max_steps, m.data.seed, m.data.cadences = (
+                steps_per_batch, max_steps, m.cfg.seed, cadences)
+        self.steps_per_batch, self.max_steps, self.cadences = steps_per_batch, max_steps, cadences
+
+    @property
+    def splits(self):
+        return self.members[0].data.splits
+
+    def train_dataloader(self):
+        from actgrad.data import RandomBatches
+
+        x, y = self.splits["train"]
+        seeds = sorted({m.cfg.seed for m in self.members})
+        batches = {s: RandomBatches(x, y, self.members[0].data.batch_size, self.steps_per_batch, self.max_steps, s,
+                                    first_step=lambda: self.trainer.global_step, cadences=self.cadences)
+                   for s in seeds}
+        where = torch.tensor([seeds.index(m.cfg.seed) for m in self.members])
+        return StackedBatches(batches[seeds[0]], [batches[s] for s in seeds], where)
+
+
+class StackedBatches:
+    def __init__(self, first, loaders, where):
+        self.first, self.loaders, self.where = first, loaders, where
+
+    def __len__(self):
+        return len(self.first)
+
+    def __iter__(self):
+        for chunks in zip(*self.loaders):
+            xs = torch.stack([c[0] for c in chunks], 1)[:, self.where]
+            ys = torch.stack([c[1] for c in chunks], 1)[:, self.where]
+            yield xs, ys
+
+
+class StackedModule(L.LightningModule):
+    """The training loop of module.LanguageModel (its fast path), for a stack of members."""
+
+    def __init__(self, members: list[Member], stop=None):
+        super().__init__()
+        self.members = members
+        self.net = StackedMLP([m.module.net for m in members])
+        self.first = members[0].cfg
+        self.log_every_n_steps, self.val_every_n_steps = self.first.log_every_n_steps, self.first.val_every_n_steps
+        self.automatic_optimization = False
+        self.stop = stop
+        self.lrs = None  # the members' lrs last given to the optimizer
+        self.frozen = None  # (mask over the flat buffer, values) of members that diverged
+        self.pending_best = []
+        self.loaded = None  # members' optimizer values and scheduler states of a resumed group
+
+    # --- optimizer: member 0's optimizer over the stack, with each member's own numbers as tensors
+    def configure_optimizers(self):
+        optimizer = instantiate(self.first.optimizer)(self.net.parameters())
+        self.index = optimizer.member_index(len(self.members))
+        group = optimizer.param_groups[0]
+        for key in MEMBER_NUMBERS:
+            if key not in group or key == "lr":
+                continue
+            values = [m.cfg.optimizer.get(key, group[key]) for m in self.members]
+            if key == "betas":
+                group[key] = tuple(self.spread([v[j] for v in values]) for j in range(2))
+            else:
+                group[key] = self.spread(values)
+        # the schedule of each member's lr, stepped as one: one parameter group per member
+        self.proxy = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": float(m.cfg.optimizer.lr)}
+                                      for m in self.members])
+        self.scheduler = instantiate(self.first.scheduler)(self.proxy) if self.first.scheduler else None
+        self.optimizer = optimizer
+        return optimizer
+
+    def spread(self, values):
+        """Equal values stay a number (the single run's arithmetic); others become a tensor over the flat buffer."""
+        values = [float(v) for v in values]
+        if len(set(values)) == 1:
+            return values[0]
+        return torch.tensor(values, dtype=self.optimizer_dtype(), device=self.device)[self.index]
+
+    def optimizer_dtype(self):
+        return next(self.net.parameters()).dtype
+
+    def member_lrs(self) -> list[float]:
+        return [g["lr"] for g in self.proxy.param_groups]
+
+    def set_lrs(self):
+        lrs = [0.0 if m.results else lr for m, lr in zip(self.members, self.member_lrs())]
+        if lrs != self.lrs:
+            self.lrs = lrs
+            self.optimizer.param_groups[0]["lr"] = self.spread(lrs)
+
+    # --- hooks
+    def on_fit_start(self):
+        for m in self.members:
+            for d in m.diagnostics:
+                d.writer, d.last_step = m.writer, self.trainer.max_steps - 1
+            if self.global_step == 0:
+                m.writer.charts(layout(m.diagnostics))
+                if m.diagnostics:
+                    m.writer.text("start here", START_HERE, 0)
+
+    def on_train_start(self):
+        if self.loaded is not None:
+            self.restore_members(*self.loaded)
+        self.set_lrs()
+        for m in self.members:
+            step, scalars = m.written
+            if step is not None and step == self.global_step:
+                m.writer.scalars(scalars, step)
+        if self.stop is not None:
+            self.stop.install()
+
+    def on_train_end(self):
+        if self.stop is not None:
+            self.stop.restore()
+
+    def training_step(self, batch, batch_idx):
+        xs, ys = batch
+        first = self.global_step
+        for i in range(len(xs)):
+            step = first + i
+            watching = [(j, [d for d in m.diagnostics if d.wants(step)]) for j, m in enumerate(self.members)
+                        if m.results is None]
+            watching = [(j, ds) for j, ds in watching if ds]
+            needs = set().union(*(d.needs for _, ds in watching for d in ds))
+            recorder = Recorder(self.net, needs) if watching else None
+            losses = self.step_once(xs[i], ys[i], recorder)
+            if watching:
+                snapshot = recorder.snapshot(step, losses, 0.0)
+                lrs = self.member_lrs()
+                for j, ds in watching:
+                    mine = replace(snapshot.member(j), lr=lrs[j])
+                    with self.members[j].writer.batch():
+                        for d in ds:
+                            d.observe(mine)
+            for m, loss in zip(self.members, losses.detach()):
+                m.losses.append(loss)
+        count_optimizer_steps(self.trainer, len(xs))
+        self.write_train_loss()
+        if self.global_step % self.val_every_n_steps == 0:
+            self.validate()
+        if self.stop is not None and self.stop.requested():
+            self.trainer.should_stop = True
+        if all(m.results for m in self.members):
+            self.trainer.should_stop = True  # every member diverged
+
+    def step_once(self, x, y, recorder):
+        optimizer = self.optimizer
+        if recorder:
+            recorder.start()
+        logits = self.net(x)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        optimizer.clear_grads()
+        losses.sum().backward()  # member m's gradient is that of its own mean loss
+        if recorder:
+            recorder.before_update()
+        optimizer.update()
+        if self.frozen is not None:  # a diverged member keeps the weights it had when it was found
+            mask, values = self.frozen
+            optimizer.flat_params.copy_(torch.where(mask, values, optimizer.flat_params))
+        if self.scheduler is not None:
+            self.scheduler.step()
+            self.set_lrs()
+        return losses
+
+    def write_train_loss(self):
+        n, now = self.log_every_n_steps, self.global_step
+        live = [m for m in self.members if m.results is None]
+        if not live:
+            return
+        first = now - len(live[0].losses)
+        ends = range((first // n + 1) * n, now + 1, n)
+        if not ends:
+            return
+        lrs = self.member_lrs()
+        for j, m in enumerate(self.members):
+            if m.results is not None:
+                continue
+            losses = torch.stack(m.losses)
+            for end in ends:
+                mean = losses[max(end - n, first) - first : end - first].mean()
+                loss = self.write(m, {"train/loss": mean, "lr": lrs[j]}, end)["train/loss"]
+                if not math.isfinite(loss) or loss > m.module.diverge_above:
+                    self.diverged(j, f"train/loss is {loss:.4g} at step {end}: the run diverged"
+                                  + ("" if not math.isfinite(loss) else f" (above {m.module.diverge_above:.4g})"))
+                    break
+            m.losses = m.losses[ends[-1] - first :]
+
+    def write(self, m: Member, scalars: dict, step: int) -> dict:
+        written = m.writer.scalars(scalars, step)
+        previous = m.written[1] if m.written[0] == step else {}
+        m.written = (step, previous | written)
+        return written
+
+    def diverged(self, j: int, error: str):
+        """Record member j as diverged and freeze its weights: the other members train on."""
+        m = self.members[j]
+        log.error("%s: %s", m.run.path, error)
+        m.results = {"status": "diverged", "error": error, "steps": self.global_step}
+        params = self.optimizer.flat_params
+        mask = self.index == j
+        if self.frozen is None:
+            self.frozen = (mask, params.detach().clone())
+        else:
+            self.frozen = (self.frozen[0] | mask, torch.where(mask, params, self.frozen[1]))
+        self.set_lrs()
+
+    @torch.no_grad()
+    def evaluate(self, x, y, chunk=4096) -> torch.Tensor:
+        """Every member's mean loss over a whole split, in eval mode: (members,)."""
+        was_training = self.net.training
+        self.net.eval()
+        members = len(self.members)
+        total = 0
+        for xc, yc in zip(x.split(chunk), y.split(chunk)):
+            xc, yc = xc.to(self.device).long(), yc.to(self.device).long()
+            logits = self.net(xc.expand(members, *xc.shape))
+            total = total + F.cross_entropy(logits.flatten(0, 1), yc.repeat(members), reduction="none").view(
+                members, -1).sum(1)
+        self.net.train(was_training)
+        return total / len(y)
+
+    def validate(self):
+        losses = self.evaluate(*self.trainer.datamodule.splits["val"])
+        for j, m in enumerate(self.members):
+            if m.results is not None:
+                continue
+            loss = self.write(m, {"val/loss": losses[j]}, self.global_step)["val/loss"]
+            best = m.best.best_model_score
+            if best is None or loss < float(best):
+                self.pending_best.append((j, loss))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        for j, loss in self.pending_best:  # best.ckpt where the single run's ModelCheckpoint would write it
+            best = self.members[j].best
+            path = str(self.members[j].run.path / "checkpoints" / "best.ckpt")
+            score = torch.tensor(loss)
+            best.best_model_score = best.current_score = best.kth_value = score
+            best.best_model_path = best.kth_best_model_path = path
+            best.best_k_models = {path: score}
+            self.trainer.save_checkpoint("best.ckpt", weights_only=False, storage_options={"members": [j]})
+        self.pending_best = []
+
+    # --- checkpoints: one per member, in a single run's format
+    def member_checkpoint(self, checkpoint: dict, j: int) -> dict:
+        m = self.members[j]
+        opt = checkpoint["optimizer_states"][0]
+        group = dict(opt["param_groups"][0])
+        for key in MEMBER_NUMBERS:
+            if key in group:
+                value = m.cfg.optimizer.get(key, group[key])
+                group[key] = tuple(float(v) for v in value) if key == "betas" else float(value)
+        lrs = self.member_lrs()
+        group["lr"] = lrs[j]
+        if self.scheduler is not None:
+            group["initial_lr"] = self.proxy.param_groups[j]["initial_lr"]
+        state = {p: {k: (v[j].clone() if v.ndim else v.clone()) for k, v in s.items()} for p, s in opt["state"].items()}
+        member = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states", "lr_schedulers",
+                                                                  "callbacks", "hyper_parameters", "hparams_name")}
+        member["state_dict"] = {f"net.{k}": v for k, v in member_state(
+            {k[len("net."):]: v for k, v in checkpoint["state_dict"].items()}, j).items()}
+        member["optimizer_states"] = [{"state": state, "param_groups": [group]}]
+        member["lr_schedulers"] = [self.member_scheduler_state(j)] if self.scheduler is not None else []
+        member["callbacks"] = {cb.state_key: cb.state_dict() for cb in m.callbacks + [m.best] if cb.state_dict()}
+        member["hparams_name"], member["hyper_parameters"] = "config", dict(m.module.hparams)
+        m.module._losses, m.module.written = m.losses, m.written
+        m.module.on_save_checkpoint(member)
+        return member
+
+    def member_scheduler_state(self, j: int) -> dict:
+        state = self.scheduler.state_dict()
+        return {k: ([v[j]] if isinstance(v, list) and len(v) == len(self.members) else v) for k, v in state.items()}
+
+    def restore_members(self, optimizer_values, scheduler_states):
+        """On a resume, after Lightning restored the stacked optimizer: each member's own values again."""
+        if self.scheduler is not None:
+            state = dict(scheduler_states[0])
+            for k, v in state.items():
+                if isinstance(v, list) and len(v) == 1:
+                    state[k] = [s[k][0] for s in scheduler_states]
+            self.scheduler.load_state_dict(state)
+            for g, lr in zip(self.proxy.param_groups, state.get("_last_lr", self.member_lrs())):
+                g["lr"] = lr
+        self.lrs = None
+        group = self.optimizer.param_groups[0]
+        for key in MEMBER_NUMBERS:
+            if key in group and key != "lr":
+                values = [v[key] for v in optimizer_values]
+                group[key] = (tuple(self.spread([v[i] for v in values]) for i in range(2)) if key == "betas"
+                              else self.spread(values))
+
+    def merged_checkpoint(self) -> dict:
+        """The members' last checkpoints as one checkpoint of the stack (a resumed group)."""
+        loaded = [load(m.start.ckpt_path) for m in self.members]
+        merged = {k: v for k, v in loaded[0].items() if k not in ("state_dict", "optimizer_states", "lr_schedulers",
+                                                                  "callbacks", "actgrad")}
+        merged["state_dict"] = {f"net.{k}": v for k, v in stack_states(
+            [{k[len("net."):]: v for k, v in c["state_dict"].items()} for c in loaded]).items()}
+        states = [c["optimizer_states"][0] for c in loaded]
+        merged["optimizer_states"] = [{
+            "state": {p: {k: (torch.stack([s["state"][p][k] for s in states]) if v.ndim else v) for k, v in st.items()}
+                      for p, st in states[0]["state"].items()},
+            "param_groups": states[0]["param_groups"]}]
+        merged["lr_schedulers"], merged["callbacks"] = [], {}
+        for m, c in zip(self.members, loaded):
+            for cb in m.callbacks + [m.best]:
+                if cb.state_key in c.get("callbacks", {}):
+                    cb.load_state_dict(c["callbacks"][cb.state_key])
+            state = c.get("actgrad", {})
+            m.losses = [torch.tensor(v) for v in state.get("pending_losses", [])]
+            m.written = (state.get("written_step", -1), state.get("written", {}))
+        self.loaded = ([s["param_groups"][0] for s in states], [c["lr_schedulers"][0] for c in loaded if c["lr_schedulers"]])
+        return merged
+
+
+class StackedCheckpointIO(AtomicCheckpointIO):
+    """Writes the stack's checkpoint as one checkpoint per member, into each member's run dir."""
+
+    def __init__(self, module: StackedModule):
+        super().__init__()
+        self.module = module
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        members = (storage_options or {}).get("members")
+        for j, m in enumerate(self.module.members):
+            if (members is None and m.results is None) or (members is not None and j in members):
+                super().save_checkpoint(self.module.member_checkpoint(checkpoint, j),
+                                        m.run.path / "checkpoints" / Path(path).name)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return self.module.merged_checkpoint()
+
+    def remove_checkpoint(self, path):
+        pass
+
+
+class MemberHooks(L.Callback):
+    """Each member's callbacks' start and end hooks, with the member's own view and weights."""
+
+    def __init__(self, module: StackedModule):
+        self.module = module
+
+    def call(self, hook, trainer, *args):
+        state = self.module.net.state_dict()
+        for j, m in enumerate(self.module.members):
+            if m.results is not None and hook != "on_exception":
+                continue
+            m.module.net.load_state_dict(member_state(state, j))
+            m.module.to(self.module.device)
+            for cb in m.callbacks:
+                getattr(cb, hook)(MemberTrainer(trainer, m), m.module, *args)
+
+    def on_train_start(self, trainer, pl_module):
+        self.call("on_train_start", trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self.call("on_train_end", trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.call("on_exception", trainer, exception)
+
+
+def train_group(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
+    """Train runs that share one shape as one stacked model; each member's results, in order."""
+    results, members, data_cache = [None] * len(cfgs), [], {}
+    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+        prepared = prepare_member(cfg, run_dir, data_cache)
+        if isinstance(prepared, dict):
+            results[i] = prepared
+        else:
+            members.append((i, prepared))
+    by_step = {}
+    for i, m in members:  # members resume together only from one step
+        by_step.setdefault(m.start.step, []).append((i, m))
+    for part in by_step.values():
+        for i, r in zip([i for i, _ in part], fit_group([m for _, m in part])):
+            results[i] = r
+    return results
+
+
+def fit_group(members: list[Member]) -> list[dict]:
+    first = members[0].cfg
+    for m in members:
+        hydra_of(m.full)
+        if not (m.run.path / "run.yaml").is_file():
+            m.run.write_yaml("run.yaml", m.module.record)
+        experiment.save_hydra_record(m.cfg, m.run.path)
+        m.run.write_status({"status": "training", "pid": os.getpid(), "from_step": m.start.step, "stacked": len(members)})
+        m.run.log_attempt({"outcome": "started", "from_step": m.start.step, "stacked": len(members)})
+        m.callbacks = [instantiate(c) for c in (m.cfg.callbacks or {}).values()]
+        m.best = instantiate(m.cfg.checkpoints.best, dirpath=str(m.run.path / "checkpoints"))
+        m.logger = TensorBoardLogger(save_dir=str(m.run.path), name="", version="", default_hp_metric=False,
+                                     purge_step=m.start.step if m.run.has_events() else None)
+        m.writer = Writer([m.logger])
+    module = StackedModule(members, stop=StopRequest(experiment.sweep_stop_file()))
+    callbacks = [MemberHooks(module), instantiate(first.checkpoints.last, dirpath=str(members[0].run.path / "checkpoints"))]
+    trainer = instantiate(first.trainer, logger=False, callbacks=callbacks, plugins=[StackedCheckpointIO(module)],
+                          enable_progress_bar=False)
+    if first.threads:
+        torch.set_num_threads(first.threads)
+    cadences = tuple(sorted({first.log_every_n_steps, first.val_every_n_steps}
+                            | {m.cfg.checkpoint_every_n_steps for m in members}))
+    data = StackedData(members, first.steps_per_batch, first.trainer.max_steps, cadences)
+    start = members[0].start
+    log.info("training %d runs stacked, %s steps on %s (%s)", len(members), first.trainer.max_steps,
+             trainer.strategy.root_device, ", ".join(m.run.path.name for m in members))
+    status = {"status": "completed"}
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=start.ckpt_path, weights_only=True)
+    except (KeyboardInterrupt, SystemExit):
+        for m in members:
+            m.run.write_status({"status": "interrupted", "steps": trainer.global_step, "signal": "SIGINT"})
+            m.run.unlock()
+        raise SystemExit(128 + signal.SIGINT) from None
+    except Exception as e:  # the whole group failed: every member says why
+        log.exception("stacked group failed")
+        status = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    out = []
+    for m in members:
+        hydra_of(m.full)
+        view = MemberTrainer(trainer, m)
+        results = dict(m.results or status)
+        results["steps"] = results.get("steps", trainer.global_step)
+        if results["status"] == "completed" and module.stop.signum is not None and trainer.global_step < trainer.max_steps:
+            results = {"status": "interrupted", "steps": trainer.global_step,
+                       "signal": signal.Signals(module.stop.signum).name}
+        if results["status"] == "completed":
+            experiment.finish(m.cfg, view, m.module, m.data, results)
+        experiment.write_end(view, m.logger, m.cfg, results)
+        m.run.write_status(results)
+        m.run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
+                           "stacked": len(members)})
+        m.run.unlock()
+        out.append(results)
+    return out

@@ -1,0 +1,111 @@
+"""`hydra/launcher=stacked`: a sweep's runs of one shape trained together as one stacked model.
+
+A Hydra Launcher plugin like Hydra's own (in the `hydra_plugins` namespace; its config is
+conf/hydra/launcher/stacked.yaml), so any sweeper (the grid, Optuna) hands it its batches of jobs. It groups
+the jobs that can share one computation (actgrad.group.group_key), at most `stack_size` a group,
+and runs the groups in parallel processes (joblib), `n_jobs` at a time. A group of one runs
+exactly as under Hydra's own launchers, through the task function.
+"""
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from joblib import Parallel, delayed
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+
+def plan_groups(keys: list, stack_size: int) -> list[list[int]]:
+    """Job indices grouped by key (None: alone), in order of first appearance, at most stack_size each."""
+    groups, open_groups = [], {}
+    for i, key in enumerate(keys):
+        if key is None:
+            groups.append([i])
+            continue
+        group = open_groups.get(key)
+        if group is None or len(group) == stack_size:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(i)
+    return groups
+
+
+class StackedLauncher(Launcher):
+    def __init__(self, stack_size: int = 64, n_jobs: int = 1) -> None:
+        if not isinstance(stack_size, int) or isinstance(stack_size, bool) or stack_size < 1:
+            raise ValueError(f"hydra.launcher.stack_size={stack_size!r}: must be a whole number >= 1")
+        self.stack_size, self.n_jobs = stack_size, n_jobs
+        self.config = self.task_function = self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from actgrad.group import group_key  # torch and Lightning: only once a sweep starts
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        configs = []
+        for idx, overrides in enumerate(job_overrides):
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.id = f"{cfg.hydra.job.name}_{initial_job_idx + idx}"
+                cfg.hydra.job.num = initial_job_idx + idx
+            configs.append(cfg)
+        groups = plan_groups([group_key(cfg) for cfg in configs], self.stack_size)
+        log.info("Launching %d jobs as %d groups (stacked, at most %d a group), %d at a time", len(configs),
+                 len(groups), self.stack_size, self.n_jobs)
+        for group in groups:
+            log.info("\t%s", " | ".join(" ".join(filter_overrides(job_overrides[i])) for i in group))
+        state = Singleton.get_state()
+        done = Parallel(n_jobs=min(self.n_jobs, len(groups)), backend="loky")(
+            delayed(run_group)(self.hydra_context, self.task_function, [configs[i] for i in group], state)
+            for group in groups)
+        returns = [None] * len(configs)
+        for group, rets in zip(groups, done):
+            for i, ret in zip(group, rets):
+                returns[i] = ret
+        return returns
+
+
+def job_dir(cfg: DictConfig) -> Path:
+    return Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+
+
+def run_group(hydra_context, task_function, configs: list[DictConfig], singleton_state) -> list[JobReturn]:
+    """In a worker process: one job as Hydra runs it, or a group stacked (actgrad.group.train_group)."""
+    setup_globals()
+    Singleton.set_state(singleton_state)
+    if len(configs) == 1:
+        HydraConfig.instance().set_config(configs[0])
+        return [run_job(hydra_context=hydra_context, task_function=task_function, config=configs[0],
+                        job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")]
+    from actgrad.group import train_group
+
+    dirs = []
+    for cfg in configs:
+        HydraConfig.instance().set_config(cfg)
+        out = job_dir(cfg).absolute()
+        with read_write(cfg.hydra.runtime):
+            cfg.hydra.runtime.output_dir = str(out)
+        dirs.append(out)
+    results = train_group(configs, dirs)
+    returns = []
+    for cfg, out, result in zip(configs, dirs, results):
+        ret = JobReturn()
+        ret.cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        ret.hydra_cfg = OmegaConf.create({"hydra": cfg.hydra})
+        ret.overrides = list(cfg.hydra.overrides.task)
+        ret.working_dir, ret.task_name = os.getcwd(), cfg.hydra.job.name
+        ret.status = JobStatus.COMPLETED
+        ret.return_value = result.get(cfg.objective, float("inf")) if cfg.get("objective") else result
+        returns.append(ret)
+    return returns
