@@ -27,8 +27,9 @@ def saturated(layer, threshold: float = 0.97) -> torch.Tensor:
 
 
 class Activations(Diagnostic):
-    """act/{mean,std,saturation}/layerN and preact/{mean,std}/layerN; act/dead/layerN for nonlinearities
-    that can die (not tanh, whose units are never saturated for every example at once in practice).
+    """act/{std,saturation}/layerN and preact/std/layerN; act/dead/layerN for nonlinearities that can
+    die (not tanh, whose units are never saturated for every example at once in practice);
+    act/mean/layerN and preact/mean/layerN with means=True.
 
     saturation: share of (example, unit) pairs where the nonlinearity is flat (|t| > threshold for tanh);
     dead: share of units saturated for every example of the batch (for ReLU: zero for all of them).
@@ -36,29 +37,32 @@ class Activations(Diagnostic):
 
     needs = {"layers"}
 
-    def __init__(self, every_n_steps: int = 1000, threshold: float = 0.97):
+    def __init__(self, every_n_steps: int = 1000, threshold: float = 0.97, means: bool = False):
         super().__init__(every_n_steps)
         if not 0 < threshold < 1:
             raise ValueError(f"Activations.threshold={threshold!r}: must be between 0 and 1")
-        self.threshold = threshold
+        self.threshold, self.means = threshold, means  # means: noise around 0 for tanh; the histograms show them
         self.charts = {
             f"act/saturation: share of units in the flat part of the nonlinearity (tanh: |t| > {threshold})": ["act/saturation/.*"],
             "act/dead: share of units saturated for the whole batch (ReLU: zero for every example)": ["act/dead/.*"],
-            "act/mean": ["act/mean/.*"],
             "act/std": ["act/std/.*"],
-            "preact/mean: the nonlinearity's input": ["preact/mean/.*"],
-            "preact/std": ["preact/std/.*"],
+            "preact/std: the nonlinearity's input": ["preact/std/.*"],
         }
+        if means:
+            self.charts |= {"act/mean": ["act/mean/.*"], "preact/mean": ["preact/mean/.*"]}
+
+    def setup(self, trainer, pl_module, stage):
+        """No act/dead chart for a tanh-only network: it logs no such tag (the layout is written after this)."""
+        blocks = getattr(getattr(pl_module, "net", None), "blocks", None)
+        if blocks is not None and all(isinstance(block.act, nn.Tanh) for block in blocks):
+            self.charts = {title: tags for title, tags in self.charts.items() if not title.startswith("act/dead")}
 
     def compute(self, snapshot):
         stats = {}
         for name, layer in snapshot.layers.items():
-            stats |= {
-                f"act/mean/{name}": layer.out.mean(),
-                f"act/std/{name}": layer.out.std(),
-                f"preact/mean/{name}": layer.pre.mean(),
-                f"preact/std/{name}": layer.pre.std(),
-            }
+            stats |= {f"act/std/{name}": layer.out.std(), f"preact/std/{name}": layer.pre.std()}
+            if self.means:
+                stats |= {f"act/mean/{name}": layer.out.mean(), f"preact/mean/{name}": layer.pre.mean()}
             if isinstance(layer.act, nn.Tanh):  # saturated(), as 0.0/1.0 in place: no bool tensor to convert
                 stats[f"act/saturation/{name}"] = layer.out.abs().gt_(self.threshold).mean()
             else:

@@ -30,15 +30,17 @@ def update_ratios(snapshot, weights_only: bool = True) -> dict:
 
 
 class UpdateRatio(Diagnostic):
-    """update_ratio/<param> = log10(std(update) / std(param)), and update_ratio/guide = -3."""
+    """update_ratio/<param> = log10(std(update) / std(param)); update_ratio/guide = -3 at the first and the last step."""
 
     needs = {"params", "updates"}
-    charts = {"update_ratio: log10(std(update) / std(param)); about -3 is healthy": ["update_ratio/.*"]}
+    charts = {"update_ratio: log10(std(update) / std(param)); the guide at -3 is healthy": ["update_ratio/.*"]}
 
     def __init__(self, every_n_steps: int = 1000, weights_only: bool = True):
         super().__init__(every_n_steps)
         self.weights_only = weights_only  # a parameter that starts constant (norm gains, zero biases) has std 0
 
     def compute(self, snapshot):
-        ratios = update_ratios(snapshot, self.weights_only)
-        return {f"update_ratio/{n}": r for n, r in ratios.items()} | {"update_ratio/guide": torch.tensor(GUIDE)}
+        values = {f"update_ratio/{n}": r for n, r in update_ratios(snapshot, self.weights_only).items()}
+        if snapshot.step in (0, self.last_step):  # two points draw the guide across the chart, one line per run
+            values["update_ratio/guide"] = torch.tensor(GUIDE)
+        return values

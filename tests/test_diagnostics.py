@@ -161,7 +161,7 @@ def close(got, expected, abs=1e-6):
 @pytest.mark.parametrize("n_layers,norm,activation", MODELS)
 def test_activation_statistics(n_layers, norm, activation):
     net = make_net(n_layers, norm, activation, rule=init.naive if activation == "tanh" else init.kaiming)
-    d = Activations(every_n_steps=2)
+    d = Activations(every_n_steps=2, means=True)
     trainer = make_trainer([d])
     seen = run_steps(net, [d], trainer, 5)
     logged = trainer.loggers[0].scalars
@@ -199,7 +199,7 @@ def test_saturation_is_not_trivial():
 @pytest.mark.parametrize("n_layers,norm,activation", MODELS)
 def test_activation_gradients(n_layers, norm, activation):
     net = make_net(n_layers, norm, activation, rule=init.kaiming)
-    d = ActivationGrads(every_n_steps=3)
+    d = ActivationGrads(every_n_steps=3, means=True)
     trainer = make_trainer([d])
     seen = run_steps(net, [d], trainer, 4)
     logged = trainer.loggers[0].scalars
@@ -215,7 +215,7 @@ def test_activation_gradients(n_layers, norm, activation):
 @pytest.mark.parametrize("n_layers,norm,activation", MODELS)
 def test_parameter_gradients(n_layers, norm, activation):
     net = make_net(n_layers, norm, activation, rule=init.kaiming)
-    d = ParamGrads(every_n_steps=2)
+    d = ParamGrads(every_n_steps=2, means=True)
     trainer = make_trainer([d])
     seen = run_steps(net, [d], trainer, 3)
     logged = trainer.loggers[0].scalars
@@ -227,6 +227,22 @@ def test_parameter_gradients(n_layers, norm, activation):
         assert close(logged[f"param_grad/mean/{name}"][2], g.mean(), abs=1e-9)
         assert close(logged[f"param_grad/std/{name}"][2], g.std(), abs=1e-9)
         assert close(logged[f"param_grad/data_ratio/{name}"][2], g.std() / weights[name].std(), abs=1e-9)
+
+
+def test_means_are_opt_in():
+    """Means of tanh outputs and of gradients are noise around 0: only with means=True (values: the tests above)."""
+    logged = {}
+    for means in (False, True):
+        net = make_net(2, False, "tanh", rule=init.kaiming)
+        diagnostics = [Activations(every_n_steps=1, means=means), ActivationGrads(every_n_steps=1, means=means),
+                       ParamGrads(every_n_steps=1, means=means)]
+        trainer = make_trainer(diagnostics)
+        run_steps(net, diagnostics, trainer, 1)
+        logged[means] = set(trainer.loggers[0].scalars)
+    means = {f"{q}/mean/layer{i}" for q in ("act", "preact", "act_grad") for i in (1, 2)}
+    means |= {f"param_grad/mean/{w}" for w in ("embedding.weight", "layer1.weight", "layer2.weight", "output.weight")}
+    assert logged[True] - logged[False] == means
+    assert "act/std/layer2" in logged[False] and "param_grad/data_ratio/output.weight" in logged[False]
 
 
 def test_parameter_gradients_of_every_parameter():
@@ -249,6 +265,7 @@ def test_update_ratio_is_the_real_update(n_layers, norm, activation, optimizer):
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
     d = UpdateRatio(every_n_steps=2)
+    d.last_step = 4  # what the loop sets when fit starts: max_steps - 1
     trainer = make_trainer([d])
     seen = run_steps(net, [d], trainer, 5, optimizer=opt, scheduler=scheduler)
     logged = trainer.loggers[0].scalars
@@ -257,7 +274,7 @@ def test_update_ratio_is_the_real_update(n_layers, norm, activation, optimizer):
         for key, name in weight_names(before).items():
             expected = torch.log10((after[key] - before[key]).std() / before[key].std())
             assert close(logged[f"update_ratio/{name}"][step], expected, abs=1e-5)
-        assert logged["update_ratio/guide"][step] == -3
+    assert logged["update_ratio/guide"] == {0: -3, 4: -3}  # the first and the last step: one line, not a point per step
     if optimizer == "adam":  # and that differs from the lecture's SGD shortcut lr * grad
         before, x, y, _ = seen[0]
         _, grads = manual_grads(before, x, y, activation)
@@ -478,31 +495,39 @@ def test_every_n_steps_is_checked():
         Activations(every_n_steps=0)
 
 
-def test_layout_puts_every_layer_in_one_chart(tmp_path):
-    net = make_net(3, False, "tanh")
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_layout_puts_every_layer_in_one_chart(tmp_path, activation):
+    net = make_net(3, False, activation)
     diagnostics = [Activations(every_n_steps=1), ActivationGrads(every_n_steps=1), ParamGrads(every_n_steps=1),
                    UpdateRatio(every_n_steps=1)]
     trainer = make_trainer(diagnostics, tmp_path)
+    for d in diagnostics:  # what Lightning calls before the module's on_fit_start
+        d.setup(trainer, SimpleNamespace(net=net), "fit")
     Writer(trainer.loggers).charts(layout(diagnostics))  # what the loop does when fit starts
     run_steps(net, diagnostics, trainer, 1)
+    Writer(trainer.loggers).scalars({"train/loss": 3.0, "val/loss": 3.1, "final/val_loss": 3.1, "test/loss": 3.2}, 1)
     finish(diagnostics, trainer, net)
     events = read_events(tmp_path)
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     (config,) = events.Tensors("custom_scalars__config__")
     written = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    assert written.category[0].title == "Loss"  # shown first
     charts = {chart.title: chart.multiline.tag for category in written.category for chart in category.chart}
     tags = events.Tags()["scalars"]
 
-    def members(title_start):
+    def members(title_start):  # as TensorBoard's custom-scalars plugin matches a chart's regexes: re.match
         (regexes,) = [r for t, r in charts.items() if t.startswith(title_start)]
         return sorted(t for t in tags if any(re.match(r, t) for r in regexes))
 
+    assert members("loss") == ["train/loss", "val/loss"]
     assert members("act/saturation") == ["act/saturation/layer1", "act/saturation/layer2", "act/saturation/layer3"]
     assert members("update_ratio") == ["update_ratio/embedding.weight", "update_ratio/guide", "update_ratio/layer1.weight",
                                        "update_ratio/layer2.weight", "update_ratio/layer3.weight", "update_ratio/output.weight"]
-    assert all(members(title) for title in charts if not title.startswith("act/dead"))  # none empty (tanh: no dead)
-    assert all(any(re.match(r, t) for rs in charts.values() for r in rs) for t in tags)  # every tag is in a chart
+    assert all(members(title) for title in charts)  # no empty chart: a tanh net gets no act/dead chart
+    assert any(t.startswith("act/dead") for t in charts) == (activation != "tanh")
+    unseen = [t for t in tags if not any(re.match(r, t) for rs in charts.values() for r in rs)]
+    assert sorted(unseen) == ["final/val_loss", "test/loss"]  # every diagnostic's tag is in a chart
 
 
 # ---------------------------------------------------------------- lecture facts on names.txt

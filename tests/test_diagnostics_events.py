@@ -27,14 +27,21 @@ def run(tmp_path, *overrides):
     return read_events(tmp_path / "run")
 
 
+def layout_of(events):
+    """The custom-scalars layout a run wrote."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (config,) = events.Tensors("custom_scalars__config__")
+    return layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+
+
 def expected_tags(n_layers, activation="tanh"):
     layers = [f"layer{i}" for i in range(1, n_layers + 1)]
     weights = ["embedding.weight", *(f"{l}.weight" for l in layers), "output.weight"]
     scalars = {"init/loss", "init/uniform_loss", "update_ratio/guide"}
     dead = ("act/dead",) if activation != "tanh" else ()  # tanh units do not die: no such tag
-    scalars |= {f"{q}/{l}" for q in ("act/mean", "act/std", "act/saturation", *dead, "preact/mean", "preact/std",
-                                     "act_grad/mean", "act_grad/std") for l in layers}
-    scalars |= {f"{q}/{w}" for q in ("param_grad/mean", "param_grad/std", "param_grad/data_ratio", "update_ratio") for w in weights}
+    scalars |= {f"{q}/{l}" for q in ("act/std", "act/saturation", *dead, "preact/std", "act_grad/std") for l in layers}
+    scalars |= {f"{q}/{w}" for q in ("param_grad/std", "param_grad/data_ratio", "update_ratio") for w in weights}
     histograms = {f"{q}/{l}" for q in ("act", "preact", "act_grad") for l in layers} | {f"param_grad/{w}" for w in weights}
     images = {"figures/act", "figures/act_grad", "figures/param_grad", "figures/update_ratio"}
     return scalars, histograms, images
@@ -48,11 +55,13 @@ def test_full_run_writes_every_tag(tmp_path, norm, activation):
     tags = events.Tags()
     assert scalars <= set(tags["scalars"]), scalars - set(tags["scalars"])
     assert activation != "tanh" or not [t for t in tags["scalars"] if t.startswith("act/dead")]
+    assert not [t for t in tags["scalars"] if "/mean/" in t]  # means are opt-in (means: true)
     assert histograms == set(tags["histograms"])
     assert images == set(tags["images"])
-    assert "custom_scalars__config__" in tags["tensors"]
+    categories = [c.title for c in layout_of(events).category]
+    assert categories == ["Loss", "Activations", "ActivationGrads", "ParamGrads", "UpdateRatio"], categories
     assert [e.step for e in events.Scalars("act/saturation/layer3")] == list(range(40))  # every step, x = step
-    assert {e.value for e in events.Scalars("update_ratio/guide")} == {-3}
+    assert [(e.step, e.value) for e in events.Scalars("update_ratio/guide")] == [(0, -3), (39, -3)]  # once: a line
     assert events.Scalars("init/uniform_loss")[0].value == pytest.approx(math.log(11))  # '.' and a-j: ln(V)
     assert [e.step for e in events.Histograms("act_grad/layer2")] == list(range(40))
     assert [e.step for e in events.Images("figures/act")] == [0, 20, 39]  # and the last step, max_steps - 1
@@ -73,4 +82,5 @@ def test_default_and_none(tmp_path):
     tags = none.Tags()
     assert "train/loss" in tags["scalars"]
     assert not [t for t in tags["scalars"] if t.startswith(("init/", "act/", "preact/", "act_grad/", "param_grad/", "update_ratio/"))]
-    assert not tags["histograms"] and not tags["images"] and "custom_scalars__config__" not in tags["tensors"]
+    assert not tags["histograms"] and not tags["images"]
+    assert [c.title for c in layout_of(none).category] == ["Loss"]  # the loss chart only

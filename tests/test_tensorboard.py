@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -89,3 +90,31 @@ def test_final_values_sit_at_the_final_step_and_the_last_step_is_logged(sweep):
         for tag in ("final/val_loss", "final/train_loss", "final/steps", "test/loss"):
             assert [s for s, _ in logged[tag]] == [30], tag  # not a lone dot at step 0
         assert steps(run)[("histogram", "act/layer1")] == [0, 29]  # cadence 10,000, and the last step
+
+
+def get(port, path, **query):
+    url = f"http://127.0.0.1:{port}{path}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def test_custom_scalars_one_chart_per_quantity_loss_first(server):
+    """What the CUSTOM SCALARS tab asks the server: the layout, then each chart's tags per run."""
+    categories = get(server, "/data/plugin/custom_scalars/layout")["category"]
+    assert categories[0]["title"] == "Loss"
+    charts = {chart["title"].split(":")[0]: chart["multiline"]["tag"] for c in categories for chart in c["chart"]}
+    assert "act/dead" not in charts  # tanh: no such tag, so no empty chart
+
+    def lines(chart, run="init=naive,norm=none"):  # the regexes joined as the frontend joins them
+        regexes = charts[chart]
+        tag = regexes[0] if len(regexes) == 1 else "|".join(f"({r})" for r in regexes)
+        found = get(server, "/data/plugin/custom_scalars/scalars", run=run, tag=tag)
+        assert found["regex_valid"]
+        return {t: [step for _, step, _ in events] for t, events in found["tag_to_events"].items()}
+
+    assert set(lines("loss")) == {"train/loss", "val/loss"}  # not final/val_loss nor test/loss
+    ratios = lines("update_ratio")
+    assert set(ratios) == {"update_ratio/embedding.weight", "update_ratio/layer1.weight", "update_ratio/output.weight",
+                           "update_ratio/guide"}
+    assert ratios["update_ratio/guide"] == [0, 29]  # the first and the last step: one line across the chart
+    assert set(lines("act/saturation", "init=kaiming,norm=batchnorm")) == {"act/saturation/layer1"}

@@ -22,7 +22,8 @@ use Lightning's own hooks (`on_train_end`: the end of training) for work that is
 `self.writer` (actgrad.writer.Writer) writes to the run's loggers; it is set when fit starts.
 
 Tags read `quantity/statistic/where`, e.g. act/saturation/layer1 or param_grad/std/layer2.weight;
-`charts` puts every layer of a quantity in one TensorBoard custom-scalars chart.
+`charts` puts every layer of a quantity in one TensorBoard custom-scalars chart. TensorBoard colours
+the lines of such a chart by run and tells the tags of one run apart by their marker shape.
 """
 
 import lightning as L
@@ -57,9 +58,14 @@ class Diagnostic(L.Callback):
         return {}
 
 
+# The loss first: custom scalars shows the categories in this order. TensorBoard matches a regex at the start of a tag.
+LOSS_CHART = {"loss: train/loss (mean of each logging interval) and val/loss (the whole validation split)":
+              ["train/loss$", "val/loss$"]}
+
+
 def layout(diagnostics) -> dict:
-    """Every diagnostic's charts, one custom-scalars category per diagnostic."""
-    return {type(d).__name__: d.charts for d in diagnostics if d.charts}
+    """The loss chart, then every diagnostic's charts: one custom-scalars category per diagnostic."""
+    return {"Loss": LOSS_CHART} | {type(d).__name__: d.charts for d in diagnostics if d.charts}
 
 
 START_HERE = """**What this run logs, and what healthy looks like** (the lecture's rules of thumb)
@@ -72,8 +78,11 @@ START_HERE = """**What this run logs, and what healthy looks like** (the lecture
 | `act/std`, `preact/std` | spread of each layer's output and input | similar across layers (tanh with gain 5/3 keeps it near 1 at init) |
 | `act_grad/std` | the gradient at each layer's output | similar across layers: nothing vanishes or explodes with depth |
 | `param_grad/data_ratio` | std(grad) / std(weight) | similar across weights |
-| `update_ratio/...` | log10(std(update) / std(weight)) per step | about -3; far below: learns too slowly; above -2: too fast |
+| `update_ratio/...` | log10(std(update) / std(weight)) per step; `update_ratio/guide` is the -3 line | about -3; far below: learns too slowly; above -2: too fast |
 | HISTOGRAMS, IMAGES | whole distributions per layer, the start beside later steps | no pile-up at +-1 (tanh), no collapse to 0 |
 
-In SCALARS set smoothing to 0 and untick "Ignore outliers in chart scaling": both hide a bad start.
+Set smoothing to 0 and untick "Ignore outliers in chart scaling" (TIME SERIES: Settings; SCALARS and
+CUSTOM SCALARS: the left pane): both hide a bad start. CUSTOM SCALARS has one chart per quantity
+(the loss first): a line's colour is its run, its marker shape (square, diamond, triangle, star,
+cross) its layer, named in the chart's "Matches" list; tick one run to read its layers.
 The HPARAMS tab compares runs by the choices made (init, norm, optimizer, overridden values)."""
