@@ -23,8 +23,40 @@ class ConfigError(ValueError):
     """A setting we cannot run with; the message names it and says what is accepted."""
 
 
+# Trainer settings actgrad decides itself, each with the setting to use instead: a Trainer(...) value
+# would be overwritten by actgrad.experiment or mean nothing to its loop. Any other trainer.* is Lightning's.
+ACTGRAD_SETS = {
+    "log_every_n_steps": "log_every_n_steps={steps}",
+    "val_check_interval": "val_every_n_steps={steps}",
+    "check_val_every_n_epoch": "val_every_n_steps=<steps>",
+    "logger": "logger=<tensorboard, csv, wandb, mlflow>, or logger=[tensorboard,csv] for several",
+    "callbacks": "callbacks=<option> for diagnostics, +callbacks.<name>._target_=<your.Callback> for your own",
+    "enable_checkpointing": "checkpoint_every_n_steps=<steps>, or ~checkpoints.best",
+    "default_root_dir": "hydra.run.dir=<dir>",
+    "fast_dev_run": "debug=fdr",
+}
+# Lightning refuses these for manual optimization, which actgrad's loop is (see module.py), once fit has started
+MANUAL_OPTIMIZATION = {"gradient_clip_val": (None, 0), "accumulate_grad_batches": (None, 1)}
+
+
+def trainer_refusal(key: str, value: Any) -> str | None:
+    """Why trainer.<key>=<value> cannot be used, in one line, or None when Lightning takes it as it is."""
+    line = f"trainer.{key}={show(value)}"
+    if key in ACTGRAD_SETS and not (key == "check_val_every_n_epoch" and value is None):  # conf/trainer's own value
+        steps = value if isinstance(value, int) and not isinstance(value, bool) else "<steps>"
+        return f"{line}: actgrad sets it; use {ACTGRAD_SETS[key].format(steps=steps)}"
+    if key in MANUAL_OPTIMIZATION and value not in MANUAL_OPTIMIZATION[key]:
+        return (f"{line}: not supported; actgrad steps the optimizer itself (Lightning's manual optimization), "
+                "which Lightning neither clips nor accumulates for")
+    return None
+
+
 def check_config(cfg: DictConfig) -> None:
     """Catch bad values before anything is built or written."""
+    for key in cfg.trainer:
+        refusal = trainer_refusal(str(key), cfg.trainer[key])
+        if refusal:
+            raise ConfigError(refusal)
     positive = {
         "optimizer.lr": cfg.optimizer.get("lr"),
         "trainer.max_steps": cfg.trainer.max_steps,
@@ -63,6 +95,13 @@ def check_overrides(args: list[str], conf_dir: Path) -> None:
         loader = GlobalHydra.instance().config_loader()
         parser = OverridesParser.create(config_loader=loader)
         parsed = [parse(parser, arg) for arg in overrides]
+        for o in parsed:
+            key = o.key_or_group.removeprefix("trainer.")
+            if o.key_or_group.startswith("trainer.") and "." not in key and o.type != OverrideType.DEL:
+                values = list(o.sweep_iterator()) if o.is_discrete_sweep() else [o.value()]
+                refusal = next(filter(None, (trainer_refusal(key, v) for v in values)), None)
+                if refusal:
+                    raise ConfigError(refusal)
         multirun = multirun or any(o.key_or_group == "hydra.mode" and o.value() == "MULTIRUN" for o in parsed)
         lines = [sweep_lines(o, multirun) for o in parsed]
         left_to_sweeper = [o for o, values in zip(parsed, lines) if not values]
@@ -170,7 +209,20 @@ def compose_config(lines: list[str]) -> DictConfig:
     try:
         return compose(config_name="config", overrides=lines, return_hydra_config=True)
     except Exception as e:  # Hydra's, OmegaConf's, or a ValueError (norm=null)
-        raise ConfigError(first_line(e)) from None
+        raise ConfigError(first_line(e) + plugin_hint(str(e))) from None
+
+
+# Hydra plugins that actgrad's configs name, and the extra of pyproject.toml that installs each
+PLUGINS = {"hydra/sweeper/optuna": "optuna", "hydra/launcher/submitit_slurm": "slurm",
+           "hydra/launcher/submitit_local": "slurm", "hydra/launcher/joblib": ""}
+
+
+def plugin_hint(message: str) -> str:
+    """'; install it: pip install -e ".[optuna]"' when Hydra could not find a plugin's config, else ''."""
+    for config, extra in PLUGINS.items():
+        if f"Could not find '{config}'" in message:
+            return f"; a Hydra plugin that is not installed: pip install -e \".{f'[{extra}]' if extra else ''}\""
+    return ""
 
 
 def first_line(error: BaseException) -> str:
@@ -191,7 +243,8 @@ def check_choice(override: Override, options: list[str]) -> None:
         raise ConfigError(f"{line}: needs a value; {accepted}")
     for option in value if isinstance(value, list) else [value]:
         if option not in options:
-            raise ConfigError(f"{override.get_key_element()}={option}: unknown {group}; {accepted}")
+            hint = plugin_hint(f"Could not find '{group}/{option}'") or f"; {accepted}"
+            raise ConfigError(f"{override.get_key_element()}={option}: unknown {group}{hint}")
 
 
 def check_setting(override: Override, defaults: dict) -> None:

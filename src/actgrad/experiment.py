@@ -9,8 +9,12 @@ removes only what it created itself.
 import logging
 import math
 import os
+import platform
+import shutil
 import signal
+import subprocess
 import warnings
+from importlib import metadata
 from pathlib import Path
 
 import lightning as L
@@ -18,14 +22,14 @@ import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torch.utils.tensorboard.writer import FileWriter
 
 from actgrad import events, hparams, sweep  # noqa: F401  (sweep registers the resolvers conf/config.yaml uses)
-from actgrad.checks import ConfigError, check_config, explain
+from actgrad.checks import ConfigError, check_config, explain, first_line
 from actgrad.checkpoint import AlreadyCompleted, AtomicCheckpointIO, check_shapes, config_hash, plan_start, run_config
 from actgrad.module import Diverged, LanguageModel
 from actgrad.rundir import Busy, RunDir
@@ -43,6 +47,9 @@ warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved
 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # a resumed run's checkpoints dir
 
 DIVERGED_AT = 1e4  # x ln(V): a finite loss this far above the uniform baseline counts as diverged
+# Settings that change where a run is written, not what it computes, besides checkpoint.NOT_RUN_DEFINING:
+# left out of the config hash, so a run resumes under another logger and old runs keep their hash.
+NOT_RUN_DEFINING = ("logger", "keep_run")
 
 
 def build(cfg: DictConfig):
@@ -69,16 +76,38 @@ def build(cfg: DictConfig):
 
 
 def prepare(cfg: DictConfig, run: RunDir):
-    """Everything that can refuse the attempt, before anything is written: (data, module, start)."""
+    """Everything that can refuse the attempt, before anything is written: (data, module, start, loggers)."""
     check_config(cfg)
     data, module = build(cfg)
-    record = run_config(cfg, data.describe()["sha256"])
+    defining = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NOT_RUN_DEFINING])
+    record = run_config(defining, data.describe()["sha256"])
     module.record = {"config_hash": config_hash(record), "run_config": record}
     start = plan_start(run.path, cfg, module.record, run.status(), run.read_yaml("run.yaml"))
     if start.init_weights is not None:
         check_shapes(start.init_weights, module, cfg.init_from)
         module.load_state_dict(start.init_weights)
-    return data, module, start
+    return data, module, start, build_loggers(cfg, run, start)
+
+
+def build_loggers(cfg: DictConfig, run: RunDir, start) -> list:
+    """The loggers of conf/logger/, writing into the run dir: a `save_dir` or `purge_step` left null is
+    filled in here. A logger whose package is missing is refused in one line with its install command."""
+    filled = {"save_dir": str(run.path),
+              # TensorBoard (and its EventAccumulator) drop what an earlier attempt logged from this step on;
+              # what was logged at this very step before the checkpoint is written again (module.py)
+              "purge_step": start.step if run.has_events() else None}
+    loggers = []
+    for name, c in (cfg.get("logger") or {}).items():
+        if c is None:
+            continue
+        try:
+            loggers.append(instantiate(c, **{k: v for k, v in filled.items() if k in c and c[k] is None}))
+        except Exception as e:
+            cause = e.__cause__ or e  # Hydra wraps what the constructor raised
+            if isinstance(cause, (ModuleNotFoundError, ImportError)):  # Lightning's message names the pip command
+                raise ConfigError(f"logger={name}: {first_line(cause)}") from None
+            raise
+    return loggers
 
 
 def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), record_refusal: bool = False) -> dict:
@@ -100,7 +129,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), record_refus
     except Busy as e:
         raise ConfigError(str(e)) from None  # the dir is another attempt's: touch nothing
     try:
-        data, module, start = prepare(cfg, run)
+        data, module, start, loggers = prepare(cfg, run)
     except AlreadyCompleted as done:
         run.unlock()
         run.log_attempt({"outcome": "already completed"})
@@ -115,9 +144,18 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), record_refus
         refuse(run, message, record_refusal)
         raise ConfigError(message) from e
     try:
-        return fit(cfg, run, data, module, start, extra_callbacks)
+        results = fit(cfg, run, data, module, start, loggers, extra_callbacks)
     finally:
         run.unlock()
+    if not cfg.get("keep_run", True) and results["status"] == "completed":  # debug=fdr: every code path ran
+        for name in set(os.listdir(run.path)) - run.names_before:  # folders this attempt made: checkpoints/, .hydra/
+            if (run.path / name).is_dir() and not (run.path / name).is_symlink():
+                shutil.rmtree(run.path / name)
+        run.discard()  # then its files, and the dirs it made: nothing of anyone else's
+        log.info("run completed at step %s; removed what it wrote (keep_run=false)", results["steps"])
+    else:
+        log.info("%s", end_line(run.path, results, loggers))
+    return results
 
 
 def refuse(run: RunDir, message: str, record: bool) -> None:
@@ -148,14 +186,13 @@ def sweep_stop_file() -> str | None:
     return None
 
 
-def fit(cfg, run: RunDir, data, module, start, extra_callbacks) -> dict:
+def fit(cfg, run: RunDir, data, module, start, loggers, extra_callbacks) -> dict:
     if not (run.path / "run.yaml").is_file():
         run.write_yaml("run.yaml", module.record)
     save_hydra_record(cfg, run.path)
     for torn in run.path.glob("checkpoints/.*.ckpt.*.partial"):  # AtomicCheckpointIO's, of an attempt killed mid-write
         torn.unlink()
     run.write_status({"status": "training", "pid": os.getpid(), "from_step": start.step})
-    run.log_attempt({"outcome": "started", "from_step": start.step})
 
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     callbacks += [instantiate(c, dirpath=str(run.path / "checkpoints")) for c in cfg.checkpoints.values()]
@@ -165,16 +202,17 @@ def fit(cfg, run: RunDir, data, module, start, extra_callbacks) -> dict:
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # preemption is ours to handle (stop.py): Lightning's requeue would save
         plugins.append(SLURMEnvironment(auto_requeue=False))  # mid-chunk into the working dir
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, plugins=plugins)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                          plugins=[*instantiate(cfg.trainer.get("plugins") or []), *plugins])
+    origin = provenance(trainer.strategy.root_device)
+    run.write_yaml("provenance.yaml", origin)  # this attempt's; every attempt's commit is in attempts.jsonl
+    run.log_attempt({"outcome": "started", "from_step": start.step, "commit": origin["git"]["commit"],
+                     "dirty": origin["git"]["dirty"]})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data.steps_per_batch, data.max_steps, data.seed = cfg.steps_per_batch, cfg.trainer.max_steps, cfg.seed
     data.cadences = (cfg.log_every_n_steps, cfg.val_every_n_steps, cfg.checkpoint_every_n_steps)
-    # purge_step: TensorBoard (and its EventAccumulator) drop what an earlier attempt logged from
-    # this step on; what was logged at this very step before the checkpoint is written again.
-    logger = TensorBoardLogger(save_dir=str(run.path), name="", version="", default_hp_metric=False,
-                               purge_step=start.step if run.has_events() else None)
-    trainer.loggers = [logger]
+    Writer.of(trainer).text("provenance", markdown_table(origin), start.step)
     module.stop = StopRequest(sweep_stop_file())
     if start.ckpt_path:
         log.info("resuming from %s (step %d)", start.ckpt_path, start.step)
@@ -203,11 +241,11 @@ def fit(cfg, run: RunDir, data, module, start, extra_callbacks) -> dict:
     if results["status"] == "completed":
         finish(cfg, trainer, module, data, results)
     if results["status"] != "failed" or not results["error"].startswith("OSError"):  # a disk that failed once is
-        write_end(trainer, logger, cfg, results)                                  # not written to again
+        board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)  # not written to again
+        write_end(trainer, board, cfg, results, latest=module.writer.latest)
     run.write_status(results)
     run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
                      "signal": results.get("signal")})
-    log.info("%s", ", ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in results.items()))
     module.stop.hand_over()  # under SLURM, preempted: submitit requeues the job and exits here
     return results
 
@@ -226,35 +264,100 @@ def finish(cfg, trainer, module, data, results) -> None:
     results.update({f"final/{split}_loss": float(loss) for split, loss in losses.items()})
 
 
-def final_values(logger, results: dict) -> dict:
-    """final/* at the final step: the losses, the step, the diverged step, each layer's last saturation."""
+def final_values(board, results: dict, latest: dict | None = None) -> dict:
+    """final/* at the final step: the losses, the step, the diverged step, each layer's last saturation
+    (from the TensorBoard logger `board`'s events, which hold earlier attempts' too; else from `latest`)."""
     step = results["steps"]
     finals = {k: v for k, v in results.items() if k.startswith("final/")} | {"final/steps": step}
     if results["status"] == "diverged":
         finals["final/diverged_step"] = step
-    logger.experiment.flush()
-    for tag, points in events.scalars(logger.log_dir).items():
+    if board is not None:
+        board.experiment.flush()
+        latest = {tag: points[-1][1] for tag, points in events.scalars(board.log_dir).items()}
+    for tag, value in (latest or {}).items():
         if tag.startswith("act/saturation/"):
-            finals[f"final/saturation/{tag.rsplit('/', 1)[-1]}"] = points[-1][1]
+            finals[f"final/saturation/{tag.rsplit('/', 1)[-1]}"] = value
     return finals
 
 
-def write_end(trainer, logger, cfg, results: dict) -> None:
-    """The run's end in TensorBoard: final values at the final step, the hyperparameters, the status.
-    An interrupted run writes only its status: the attempt that resumes it purges from this step."""
-    step = results["steps"]
+def write_end(trainer, board, cfg, results: dict, latest: dict | None = None) -> None:
+    """The run's end in every logger: final values at the final step, the hyperparameters, the status.
+    An interrupted run writes only its status: the attempt that resumes it purges from this step.
+    `board`, `latest`: where the final saturations come from (final_values)."""
+    step, writer = results["steps"], Writer.of(trainer)
     try:
         if results["status"] != "interrupted":
-            Writer.of(trainer).scalars(final_values(logger, results), step)
-            columns = hparams.columns(cfg) or {"seed": cfg.seed}  # no Hydra (train() called directly): no choices
-            # torch's summary.hparams, written into the run's own dir: Lightning's log_hyperparams would
-            # also write the metrics at step 0, and SummaryWriter.add_hparams into a new run of its own
-            hparams_file = FileWriter(logger.log_dir)
-            for summary in hparams_summary(columns | {"status": results["status"]},
-                                           dict.fromkeys(hparams.metrics(cfg), 0.0)):
-                hparams_file.add_summary(summary, step)
-            hparams_file.close()
-        logger.experiment.add_text("status", yaml.safe_dump(results, sort_keys=False), step)
-        logger.finalize(results["status"])
+            writer.scalars(final_values(board, results, latest), step)
+            columns = (hparams.columns(cfg) or {"seed": cfg.seed}) | {"status": results["status"]}  # no Hydra: no choices
+            for logger in trainer.loggers:
+                if not isinstance(logger, TensorBoardLogger):
+                    logger.log_hyperparams(columns)
+                    continue
+                # torch's summary.hparams, written into the run's own dir: Lightning's log_hyperparams would
+                # also write the metrics at step 0, and SummaryWriter.add_hparams into a new run of its own
+                hparams_file = FileWriter(logger.log_dir)
+                for summary in hparams_summary(columns, dict.fromkeys(hparams.metrics(cfg), 0.0)):
+                    hparams_file.add_summary(summary, step)
+                hparams_file.close()
+        writer.text("status", yaml.safe_dump(results, sort_keys=False), step)
+        for logger in trainer.loggers:  # Lightning's words: MLflow marks its run FINISHED or FAILED by them
+            logger.finalize("success" if results["status"] == "completed" else "failed")
     except OSError as e:
-        log.error("could not write the run's end to TensorBoard: %s", e)
+        log.error("could not write the run's end to its loggers: %s", e)
+
+
+def shown(path: Path) -> str:
+    """A path as one would type it here: relative to the working directory when inside it."""
+    relative = os.path.relpath(path)
+    return path.as_posix() if relative.startswith("..") else relative
+
+
+def number(value) -> str:
+    """A float as a loss reads: 2.0712, and 3.8e+31 or nan rather than 32 digits; anything else as it is."""
+    if isinstance(value, float):
+        return f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def end_line(path: Path, results: dict, loggers) -> str:
+    """The end of a run in two lines: where it wrote, its status and losses; how to look at it."""
+    losses = ", ".join(f"{k.removeprefix('final/').removesuffix('_loss')} {number(v)}"
+                       for k, v in results.items() if k.startswith("final/"))
+    line = f"run {shown(path)}: {results['status']} at step {results.get('steps', 0):,}" + (f"; loss {losses}" if losses else "")
+    if results.get("error") and results["status"] != "diverged":  # a diverged run's error was said when it happened
+        line += f" ({results['error']})"
+    look = [f"tensorboard --logdir {shown(path)}" for lg in loggers if isinstance(lg, TensorBoardLogger)][:1]
+    look += [shown(Path(lg.log_dir) / "metrics.csv") for lg in loggers if isinstance(lg, CSVLogger)]
+    return line + ("\nlook at it: " + "; ".join(look) if look else "")
+
+
+def provenance(device) -> dict:
+    """What produced the run: actgrad's git commit (and whether the tree had uncommitted changes) when it
+    runs from a checkout, the versions of what it runs on, and the device."""
+    source = Path(__file__).resolve().parent
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    versions = {"python": platform.python_version()}
+    for package in ("actgrad", "torch", "lightning", "hydra-core", "omegaconf", "tensorboard"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"git": {"commit": commit, "dirty": dirty}, "versions": versions,
+            "device": {"type": str(device), "name": name, "cpus": os.cpu_count()}, "host": platform.node()}
+
+
+def markdown_table(record: dict) -> str:
+    """A nested record as a two-column markdown table: TensorBoard's TEXT tab renders it."""
+    rows = [(f"{group}.{key}", value) for group, values in record.items()
+            for key, value in (values.items() if isinstance(values, dict) else [("", values)])]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {key.rstrip('.')} | {value} |" for key, value in rows)

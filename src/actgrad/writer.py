@@ -43,6 +43,7 @@ class Writer:
     def __init__(self, loggers):
         self.loggers = list(loggers)
         self.pending = None  # inside batch(): {step: (scalars, histograms)} not written yet
+        self.latest = {}  # {tag: the last scalar written}: the final values of a run without TensorBoard
 
     @classmethod
     def of(cls, trainer) -> "Writer":
@@ -79,6 +80,7 @@ class Writer:
                     continue
                 row = to_host([], [histogram_row(finite)])[1][0]
             hists[tag] = histogram_proto(row)
+        self.latest.update(metrics)
         if self.pending is not None:  # batch(): merged into the step's one event
             held = self.pending.setdefault(step, ({}, {}))
             held[0].update(metrics)
