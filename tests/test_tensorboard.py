@@ -67,6 +67,9 @@ def test_hparams_tell_the_sweeps_runs_apart(server):
     columns = {h["name"] for h in experiment["hparamInfos"]}
     assert {"init", "norm", "optimizer", "optimizer.lr", "status"} <= columns
     assert not [c for c in columns if "_target_" in c]
+    assert not columns & {"logger", "debug", "callbacks", "trainer"}  # how a run is watched, not what it is
+    shown = [h["name"] for h in experiment["hparamInfos"]][:5]  # the columns the HPARAMS tab shows until asked
+    assert {"init", "norm"} <= set(shown), shown
     metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
     assert {"init/loss", "init/uniform_loss", "final/train_loss", "final/val_loss", "final/test_loss",
             "final/saturation/layer1", "final/diverged_step"} <= metrics
