@@ -88,7 +88,6 @@ class Member:
     writer: Writer = None
     callbacks: list = field(default_factory=list)
     best: object = None  # its ModelCheckpoint (state only: the group saves best.ckpt itself)
-    losses: list = field(default_factory=list)
     written: tuple = (None, {})
     results: dict | None = None  # set when the member ends early (diverged)
 
@@ -169,7 +168,8 @@ def prepare_member(full: DictConfig, run_dir: Path, data_cache: dict) -> Member 
         module = LanguageModel(net, optimizer=None, log_every_n_steps=cfg.log_every_n_steps,
                                val_every_n_steps=cfg.val_every_n_steps, config=OmegaConf.to_container(cfg, resolve=True),
                                diverge_above=experiment.DIVERGED_AT * math.log(data.vocab_size), vocab=data.vocab)
-        record = run_config(cfg, data.describe()["sha256"])
+        defining = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in getattr(experiment, "NOT_RUN_DEFINING", ())])
+        record = run_config(defining, data.describe()["sha256"])
         module.record = {"config_hash": config_hash(record), "run_config": record}
         start = plan_start(run.path, cfg, module.record, run.status(), run.read_yaml("run.yaml"))
     except AlreadyCompleted as done:
@@ -182,8 +182,11 @@ def prepare_member(full: DictConfig, run_dir: Path, data_cache: dict) -> Member 
             run.unlock()
             raise
         log.error("%s: %s", run.path, message)
-        experiment.refuse(run, message, record=True)
-        run.unlock()
+        run.discard()  # nothing of this attempt's own stays, but why it failed, for the sweep's summary
+        run.path.mkdir(parents=True, exist_ok=True)
+        if run.status() is None:
+            run.write_status({"status": "failed", "error": message})
+        run.log_attempt({"outcome": "failed", "error": message})
         return {"status": "failed", "error": message}
     if not stackable(net):
         run.unlock()
@@ -247,6 +250,7 @@ class StackedModule(L.LightningModule):
         self.lrs = None  # the members' lrs last given to the optimizer
         self.frozen = None  # (mask over the flat buffer, values) of members that diverged
         self.pending_best = []
+        self.losses = []  # each step's (members,) losses since the last train/loss write
         self.loaded = None  # members' optimizer values and scheduler states of a resumed group
 
     # --- optimizer: member 0's optimizer over the stack, with each member's own numbers as tensors
@@ -313,16 +317,30 @@ class StackedModule(L.LightningModule):
         if self.stop is not None:
             self.stop.restore()
 
+    def watching(self, step: int) -> list:
+        """[(member index, its diagnostics watching this step)]; a cadence shared by members is asked once."""
+        asked, out = {}, []
+        for j, m in enumerate(self.members):
+            if m.results is not None:
+                continue
+            ds = []
+            for d in m.diagnostics:
+                key = (type(d), d.every_n_steps, d.last_step) if type(d).wants is Diagnostic.wants else id(d)
+                if key not in asked:
+                    asked[key] = d.wants(step)
+                if asked[key]:
+                    ds.append(d)
+            if ds:
+                out.append((j, ds))
+        return out
+
     def training_step(self, batch, batch_idx):
         xs, ys = batch
         first = self.global_step
         for i in range(len(xs)):
             step = first + i
-            watching = [(j, [d for d in m.diagnostics if d.wants(step)]) for j, m in enumerate(self.members)
-                        if m.results is None]
-            watching = [(j, ds) for j, ds in watching if ds]
-            needs = set().union(*(d.needs for _, ds in watching for d in ds))
-            recorder = Recorder(self.net, needs) if watching else None
+            watching = self.watching(step)
+            recorder = Recorder(self.net, set().union(*(d.needs for _, ds in watching for d in ds))) if watching else None
             losses = self.step_once(xs[i], ys[i], recorder)
             if watching:
                 snapshot = recorder.snapshot(step, losses, 0.0)
@@ -332,8 +350,7 @@ class StackedModule(L.LightningModule):
                     with self.members[j].writer.batch():
                         for d in ds:
                             d.observe(mine)
-            for m, loss in zip(self.members, losses.detach()):
-                m.losses.append(loss)
+            self.losses.append(losses.detach())  # (members,) on the device: no host sync per step
         count_optimizer_steps(self.trainer, len(xs))
         self.write_train_loss()
         if self.global_step % self.val_every_n_steps == 0:
@@ -363,27 +380,23 @@ class StackedModule(L.LightningModule):
         return losses
 
     def write_train_loss(self):
+        """Each member's mean loss of every whole `log_every_n_steps` interval that has just ended."""
         n, now = self.log_every_n_steps, self.global_step
-        live = [m for m in self.members if m.results is None]
-        if not live:
-            return
-        first = now - len(live[0].losses)
+        first = now - len(self.losses)
         ends = range((first // n + 1) * n, now + 1, n)
         if not ends:
             return
-        lrs = self.member_lrs()
-        for j, m in enumerate(self.members):
-            if m.results is not None:
-                continue
-            losses = torch.stack(m.losses)
-            for end in ends:
-                mean = losses[max(end - n, first) - first : end - first].mean()
-                loss = self.write(m, {"train/loss": mean, "lr": lrs[j]}, end)["train/loss"]
+        losses, lrs = torch.stack(self.losses), self.member_lrs()  # (steps, members)
+        for end in ends:
+            means = losses[max(end - n, first) - first : end - first].mean(0)
+            for j, m in enumerate(self.members):
+                if m.results is not None:
+                    continue
+                loss = self.write(m, {"train/loss": means[j], "lr": lrs[j]}, end)["train/loss"]
                 if not math.isfinite(loss) or loss > m.module.diverge_above:
                     self.diverged(j, f"train/loss is {loss:.4g} at step {end}: the run diverged"
                                   + ("" if not math.isfinite(loss) else f" (above {m.module.diverge_above:.4g})"))
-                    break
-            m.losses = m.losses[ends[-1] - first :]
+        self.losses = self.losses[ends[-1] - first :]
 
     def write(self, m: Member, scalars: dict, step: int) -> dict:
         written = m.writer.scalars(scalars, step)
@@ -462,7 +475,7 @@ class StackedModule(L.LightningModule):
         member["lr_schedulers"] = [self.member_scheduler_state(j)] if self.scheduler is not None else []
         member["callbacks"] = {cb.state_key: cb.state_dict() for cb in m.callbacks + [m.best] if cb.state_dict()}
         member["hparams_name"], member["hyper_parameters"] = "config", dict(m.module.hparams)
-        m.module._losses, m.module.written = m.losses, m.written
+        m.module._losses, m.module.written = [l[j] for l in self.losses], m.written
         m.module.on_save_checkpoint(member)
         return member
 
@@ -506,8 +519,9 @@ class StackedModule(L.LightningModule):
                 if cb.state_key in c.get("callbacks", {}):
                     cb.load_state_dict(c["callbacks"][cb.state_key])
             state = c.get("actgrad", {})
-            m.losses = [torch.tensor(v) for v in state.get("pending_losses", [])]
             m.written = (state.get("written_step", -1), state.get("written", {}))
+        pending = [c.get("actgrad", {}).get("pending_losses", []) for c in loaded]
+        self.losses = [torch.tensor(step) for step in zip(*pending)]  # the members resume from one step
         self.loaded = ([s["param_groups"][0] for s in states], [c["lr_schedulers"][0] for c in loaded if c["lr_schedulers"]])
         return merged
 

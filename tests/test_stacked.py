@@ -1,0 +1,195 @@
+"""hydra/launcher=stacked: runs of one shape trained as one stacked model, each member a normal run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+
+from actgrad import events, init
+from actgrad.checkpoint import load
+from actgrad.group import group_key
+from actgrad.model import MLP
+from actgrad.stack import StackedMLP, member_state, stack_states
+from actgrad.sweep import read_statuses
+from conftest import ROOT, TINY
+from hydra_plugins.actgrad_launcher.stacked_launcher import plan_groups
+
+STACKED = ["hydra/launcher=stacked", "trainer.enable_progress_bar=false"]
+RUN = ["trainer.max_steps=600", "steps_per_batch=50", "log_every_n_steps=50", "val_every_n_steps=200",
+       "checkpoint_every_n_steps=300", "trainer.enable_progress_bar=false"]
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, **kwargs)
+
+
+def nets(norm, seeds=(0, 1, 2)):
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        net = MLP(27, 3, 10, 40, 2, norm=norm)
+        init.kaiming(net)
+        out.append(net)
+    return out
+
+
+@pytest.mark.parametrize("norm", [None, partial(nn.BatchNorm1d, momentum=0.001), nn.LayerNorm])
+def test_a_stacked_forward_and_backward_equal_each_member_alone(norm):
+    members = nets(norm)
+    stacked = StackedMLP(members)
+    x = torch.randint(0, 27, (3, 32, 3))
+    y = torch.randint(0, 27, (3, 32))
+    logits = stacked(x)
+    nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(3, 32).mean(1).sum().backward()
+    for i, net in enumerate(members):
+        alone = net(x[i])
+        torch.testing.assert_close(logits[i], alone, rtol=1e-6, atol=1e-6)
+        nn.functional.cross_entropy(alone, y[i]).backward()
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(dict(stacked.named_parameters())[name].grad[i], p.grad, rtol=1e-5, atol=1e-7)
+        if isinstance(norm, partial):  # BatchNorm: each member's own running statistics
+            torch.testing.assert_close(stacked.blocks[0].norm.running_mean[i], net.blocks[0].norm.running_mean)
+
+
+def test_a_members_state_is_its_single_runs_state_dict():
+    members = nets(partial(nn.BatchNorm1d, momentum=0.001))
+    state = StackedMLP(members).state_dict()
+    for i, net in enumerate(members):
+        mine = member_state(state, i)
+        assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in net.state_dict().items()}
+        MLP(27, 3, 10, 40, 2, norm=partial(nn.BatchNorm1d, momentum=0.001)).load_state_dict(mine)  # strict
+    torch.testing.assert_close(stack_states([member_state(state, i) for i in range(3)]), state)
+
+
+def test_groups_are_cut_by_key_and_stack_size():
+    assert plan_groups(["a", "b", "a", None, "a", "b"], stack_size=2) == [[0, 2], [1, 5], [3], [4]]
+    assert plan_groups([None, None], stack_size=8) == [[0], [1]]
+
+
+def test_what_may_differ_inside_a_group(composer):
+    key = lambda *o: group_key(composer(*o))  # noqa: E731
+    base = key()
+    assert base is not None
+    for same in (["init=naive"], ["seed=3"], ["optimizer.lr=0.3"], ["optimizer.momentum=0.9"],
+                 ["callbacks=full"], ["checkpoint_every_n_steps=7"]):
+        assert key(*same) == base, same
+    for other in (["norm=none"], ["model.n_hidden=100"], ["optimizer=adam"], ["trainer.max_steps=10"],
+                  ["data.batch_size=64"], ["scheduler=cosine"]):
+        assert key(*other) != base, other
+    # trains alone: a plain Lightning callback would see the whole stack; torch.optim has no flat buffer
+    assert key("+callbacks.timer._target_=lightning.pytorch.callbacks.Timer") is None
+    assert key("optimizer._target_=torch.optim.SGD") is None
+
+
+def loss_curves(run_dir):
+    logged = events.scalars(run_dir)
+    return {tag: points for tag, points in logged.items() if tag in ("train/loss", "val/loss", "test/loss")}
+
+
+def assert_same_run(stacked_dir, single_dir, rel=1e-5):
+    """Every train/val/test loss point of a member equals its single run's."""
+    mine, theirs = loss_curves(stacked_dir), loss_curves(single_dir)
+    assert sorted(mine) == sorted(theirs) == ["test/loss", "train/loss", "val/loss"]
+    for tag in theirs:
+        assert [s for s, _ in mine[tag]] == [s for s, _ in theirs[tag]], tag
+        for (step, a), (_, b) in zip(mine[tag], theirs[tag]):
+            assert a == pytest.approx(b, rel=rel), (tag, step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer, lrs", [("sgd", "0.1,0.03"), ("adam", "0.01,0.003")])
+def test_each_member_equals_its_single_run(optimizer, lrs, names_txt, tmp_path):
+    """Same data order, same init, per-member lr through the lecture's step decay, BatchNorm."""
+    common = [*RUN, f"data.path={names_txt}", f"optimizer={optimizer}", "norm=batchnorm", "callbacks=default"]
+    proc = run_cli("-m", *STACKED, *common, "init=naive,kaiming", f"optimizer.lr={lrs}",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "as 1 groups" in proc.stderr + proc.stdout  # all four stacked together
+    statuses = read_statuses(tmp_path / "sweep")
+    assert len(statuses) == 4 and all(s["status"] == "completed" for s in statuses.values())
+    lr = lrs.split(",")[1]
+    single = tmp_path / "single"
+    proc = run_cli(*common, "init=naive", f"optimizer.lr={lr}", f"hydra.run.dir={single}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    member = tmp_path / "sweep" / f"init=naive,optimizer.lr={lr}"
+    assert_same_run(member, single)
+    # the same checkpoint contents as the single run's, bar the arithmetic of batching
+    a, b = load(member / "checkpoints" / "last.ckpt"), load(single / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys() and a["callbacks"].keys() == b["callbacks"].keys()
+    assert a["optimizer_states"][0]["param_groups"] == b["optimizer_states"][0]["param_groups"]
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    for name, tensor in b["state_dict"].items():
+        torch.testing.assert_close(a["state_dict"][name], tensor, rtol=1e-4, atol=1e-5)
+    assert a["actgrad"]["config_hash"] == b["actgrad"]["config_hash"]
+    # what a person looks at is a single run's: the same tags
+    assert events.scalars(member).keys() == events.scalars(single).keys()
+    assert (member / ".hydra" / "overrides.yaml").is_file() and (member / "run.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_a_diverging_member_is_frozen_and_the_others_finish(small_names, tmp_path):
+    common = [*TINY, f"data.path={small_names}"]
+    proc = run_cli("-m", *STACKED, *common, "optimizer.lr=0.1,1e30", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    statuses = read_statuses(tmp_path / "sweep")
+    assert statuses["optimizer.lr=1e+30"]["status"] == "diverged"
+    assert statuses["optimizer.lr=1e+30"]["steps"] <= 20
+    assert statuses["optimizer.lr=0.1"]["status"] == "completed"
+    assert "1 completed, 0 already completed, 1 diverged, 0 failed" in proc.stderr + proc.stdout
+    proc = run_cli(*common, "optimizer.lr=0.1", f"hydra.run.dir={tmp_path / 'single'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "sweep" / "optimizer.lr=0.1", tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_a_member_with_a_bad_setting_fails_alone(small_names, tmp_path):
+    proc = run_cli("-m", *STACKED, *TINY, f"data.path={small_names}", "optimizer.lr=0.1,-1,0.05",
+                   f"hydra.sweep.dir={tmp_path}")
+    statuses = read_statuses(tmp_path)
+    assert statuses["optimizer.lr=-1"]["status"] == "failed"
+    assert "optimizer.lr=-1" in statuses["optimizer.lr=-1"]["error"]
+    assert "\n" not in statuses["optimizer.lr=-1"]["error"]
+    assert statuses["optimizer.lr=0.1"]["status"] == statuses["optimizer.lr=0.05"]["status"] == "completed"
+    assert "2 completed, 0 already completed, 0 diverged, 1 failed" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_a_stopped_group_resumes_and_a_member_resumes_alone(names_txt, tmp_path):
+    """SIGTERM mid-sweep: every member saves and stops; the rerun resumes them all; one member,
+    resumed alone by a single run, ends where its stacked twin ended."""
+    common = ["trainer.max_steps=8000", "steps_per_batch=100", "log_every_n_steps=100", "val_every_n_steps=2000",
+              "checkpoint_every_n_steps=1000", "trainer.enable_progress_bar=false", "callbacks=default",
+              f"data.path={names_txt}"]
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "train.py", "-m", *STACKED, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(sweep.glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    statuses = read_statuses(sweep)
+    assert [s["status"] for s in statuses.values()] == ["interrupted"] * 2, out[-3000:]
+    stopped = {name: s["steps"] for name, s in statuses.items()}
+    assert len(set(stopped.values())) == 1 and 0 < next(iter(stopped.values())) < 8000
+    # a copy of one member, resumed by a single run
+    alone = tmp_path / "alone"
+    subprocess.run(["cp", "-r", str(sweep / "init=kaiming"), str(alone)], check=True)
+    rerun = run_cli("-m", *STACKED, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    statuses = read_statuses(sweep)
+    assert all(s["status"] == "completed" and s["steps"] == 8000 for s in statuses.values())
+    single = run_cli(*common, "init=kaiming", f"hydra.run.dir={alone}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "resuming from" in single.stderr + single.stdout
+    assert_same_run(sweep / "init=kaiming", alone)
+    # and a rerun of the finished sweep trains nothing
+    again = run_cli("-m", *STACKED, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}")
+    assert "0 completed, 2 already completed" in again.stderr + again.stdout
