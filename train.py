@@ -4,6 +4,7 @@
     python train.py -m init=naive,scaled,kaiming norm=none,batchnorm
 """
 
+import contextlib
 import logging
 import shlex
 import signal
@@ -16,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 
 from actgrad.checks import ConfigError, check_overrides, check_writable
-from actgrad.sweep import assign_gpu, gpu_count
+from actgrad.gpus import gpu_count, take_gpu
 
 log = logging.getLogger("actgrad")
 
@@ -26,15 +27,18 @@ def main(cfg):
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
-    gpu = assign_gpu(hydra_cfg.job.num, gpu_count(), cfg.jobs_per_gpu) if sweeping else None
-    if gpu is not None:
-        with open_dict(cfg):
-            cfg.trainer.accelerator, cfg.trainer.devices = "gpu", [gpu]
     # imported here, not above: a sweep's parent process never trains, and Lightning takes ~4 s to import
     from actgrad.experiment import train
 
+    # a sweep's job trains on a free GPU from the sweep's pool, held until train() returns
+    on_gpu = sweeping and cfg.trainer.accelerator in ("auto", "gpu", "cuda")  # not with trainer=cpu or mps
+    gpu_slot = take_gpu(hydra_cfg.sweep.dir, gpu_count(), cfg.jobs_per_gpu) if on_gpu else contextlib.nullcontext()
     try:
-        results = train(cfg, run_dir, record_refusal=sweeping)
+        with gpu_slot as gpu:
+            if gpu is not None:
+                with open_dict(cfg):
+                    cfg.trainer.accelerator, cfg.trainer.devices = "gpu", [gpu]
+            results = train(cfg, run_dir, record_refusal=sweeping)
     except ConfigError as e:  # bad settings or data, or a run dir that is not this run's: nothing was trained
         if not sweeping:
             sys.exit(f"error: {e}")

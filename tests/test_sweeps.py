@@ -1,4 +1,3 @@
-import collections
 import math
 import subprocess
 import sys
@@ -7,25 +6,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from actgrad import sweep
-from actgrad.sweep import assign_gpu, fresh_dir, parallel_jobs, read_statuses
+from actgrad.sweep import fresh_dir, parallel_jobs, read_statuses
 
 from conftest import ROOT, TINY
 from test_train import run_cli, scalars
-
-
-@pytest.mark.parametrize("gpus", [1, 4, 8])
-@pytest.mark.parametrize("jobs_per_gpu", [1, 2, 4])
-def test_jobs_running_together_spread_evenly_over_the_gpus(gpus, jobs_per_gpu):
-    n_jobs = gpus * jobs_per_gpu  # what parallel_jobs gives the launcher
-    for first in range(0, 3 * n_jobs):  # any window of jobs running at one time
-        load = collections.Counter(assign_gpu(j, gpus, jobs_per_gpu) for j in range(first, first + n_jobs))
-        assert load == {gpu: jobs_per_gpu for gpu in range(gpus)}
-
-
-def test_no_gpu_means_no_assignment_and_bad_share_is_refused():
-    assert [assign_gpu(j, 0) for j in range(4)] == [None] * 4
-    with pytest.raises(ValueError, match="jobs_per_gpu=0"):
-        assign_gpu(0, 4, 0)
 
 
 def test_parallel_jobs_fills_the_cores_or_the_gpus(monkeypatch):

@@ -1,5 +1,5 @@
-"""What a sweep needs beyond one run: readable job names, how many jobs fit, which GPU a job
-gets, and a summary when it ends.
+"""What a sweep needs beyond one run: readable job names, how many jobs fit, and a summary when
+it ends (which GPU a job gets: actgrad.gpus).
 
 `${swept:}` and `${parallel_jobs:}` are resolvers used in conf/config.yaml; importing this
 module registers them (actgrad.experiment imports it, so every launcher's worker has them).
@@ -20,6 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from actgrad.gpus import gpu_count
 from actgrad.rundir import last_attempt
 from actgrad.stop import STOP_FILE
 
@@ -54,29 +55,12 @@ def fresh_dir(path: str) -> str:
             continue
 
 
-def gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def parallel_jobs(threads_per_job: int = 1, jobs_per_gpu: int = 1) -> int:
     """As many jobs as the machine holds: jobs_per_gpu on each GPU, else one per `threads_per_job` cores."""
     gpus = gpu_count()
     if gpus:
         return gpus * jobs_per_gpu
     return max(1, (os.cpu_count() or 1) // max(1, threads_per_job))
-
-
-def assign_gpu(job_num: int, gpus: int, jobs_per_gpu: int = 1) -> int | None:
-    """The GPU of job `job_num`, or None on a machine without one.
-
-    Jobs go round-robin: the n_jobs = gpus * jobs_per_gpu jobs running at one time are
-    consecutive job numbers, so each GPU carries jobs_per_gpu of them.
-    """
-    if jobs_per_gpu < 1:
-        raise ValueError(f"jobs_per_gpu={jobs_per_gpu}: must be a whole number >= 1")
-    return None if gpus == 0 else job_num % gpus
 
 
 def read_statuses(sweep_dir: Path) -> dict[str, dict]:
@@ -131,6 +115,8 @@ class SweepSummary(Callback):
         for name, attempt in attempts.items():
             if attempt.get("outcome") not in ("completed", "already completed"):
                 log.info("  %s: %s at step %s %s", name, attempt.get("outcome"), attempt.get("steps"), attempt.get("error") or "")
+        if counts["completed"] or counts["already completed"] or counts["diverged"]:
+            log.info("look at it: tensorboard --logdir %s; its loss table: python scripts/report.py %s", sweep_dir, sweep_dir)
         if counts["interrupted"] or self.signum is not None:
             log.info("resume the sweep with the same command and hydra.sweep.dir=%s", sweep_dir)
             names = [a.get("signal") for a in attempts.values() if a.get("signal")]
