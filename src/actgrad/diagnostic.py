@@ -83,6 +83,6 @@ START_HERE = """**What this run logs, and what healthy looks like** (the lecture
 
 Set smoothing to 0 and untick "Ignore outliers in chart scaling" (TIME SERIES: Settings; SCALARS and
 CUSTOM SCALARS: the left pane): both hide a bad start. CUSTOM SCALARS has one chart per quantity
-(the loss first): a line's colour is its run, its marker shape (square, diamond, triangle, star,
-cross) its layer, named in the chart's "Matches" list; tick one run to read its layers.
+(the loss first) to compare runs: a line's colour is its run; the layers of a run share it and differ
+only by a marker shape, named in the chart's "Matches" list. The IMAGES figures give each layer a colour.
 The HPARAMS tab compares runs by the choices made (init, norm, optimizer, overridden values)."""
