@@ -1,10 +1,17 @@
-"""Wall time of the mission's six-run sweep in parallel (the default launcher) against the
-same six runs one after another (hydra/launcher=local), alternated, median of several rounds.
+"""Wall time and peak memory of sweeps under each launcher, against one single run measured in
+the same round (median of the rounds' ratios), plus the bare stacked step against a single step.
 
-    python scripts/bench_sweep.py --steps 20000 --rounds 3
+    python scripts/bench_sweep.py --data names.txt --steps 20000 --rounds 3
+    python scripts/bench_sweep.py --data names.txt --steps 200000 --rounds 1 --sweeps lecture --launchers parallel stacked
+
+Sweeps: `lecture` is the lecture's six runs (init=naive,scaled,kaiming norm=none,batchnorm);
+`grid` is 24 runs, init (naive, scaled, kaiming, xavier) x lr (0.02 ... 0.5). Launchers: `local`
+(one job after another), `parallel` (joblib processes, the default of -m), `stacked`.
+Peak memory is the largest process's peak RSS (a stacked group's process holds all its members).
 """
 
 import argparse
+import math
 import statistics
 import subprocess
 import sys
@@ -13,34 +20,120 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES_TXT = ROOT.parent / "shared" / "data" / "names.txt"
+SWEEPS = {
+    "lecture": ["init=naive,scaled,kaiming", "norm=none,batchnorm"],
+    "grid": ["init=naive,scaled,kaiming,xavier", "optimizer.lr=0.02,0.05,0.1,0.2,0.3,0.5"],
+}
+# Runs train.py as its only child and prints the largest peak RSS among it and its descendants.
+MEASURE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
-def sweep_seconds(launcher: str, steps: int) -> float:
+def timed(args: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of `python train.py *args`."""
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, str(ROOT / "train.py"), *args],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, int(out.stdout.split()[-1]) / 1024
+
+
+def single(data: list[str], steps: int) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as run_dir:
+        return timed([f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
+                      *data])
+
+
+def sweep(name: str, launcher: str, data: list[str], steps: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as sweep_dir:
-        args = [sys.executable, str(ROOT / "train.py"), "-m", "init=naive,scaled,kaiming", "norm=none,batchnorm",
-                f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false", f"hydra/launcher={launcher}",
-                f"hydra.sweep.dir={sweep_dir}"] + ([f"data.path={NAMES_TXT}"] if NAMES_TXT.is_file() else [])
+        return timed(["-m", *SWEEPS[name], f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false",
+                      f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}", *data])
+
+
+def bare_steps(members: int, norm: bool, steps: int = 2000) -> tuple[float, float]:
+    """us per step of one single model and of `members` stacked, hand-written loops, one thread."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from actgrad import init
+    from actgrad.model import MLP
+    from actgrad.optim import SGD
+    from actgrad.stack import StackedMLP
+
+    torch.set_num_threads(1)
+
+    def nets(n):
+        out = []
+        for seed in range(n):
+            torch.manual_seed(seed)
+            net = MLP(27, 3, 10, 200, 1, norm=(lambda h: nn.BatchNorm1d(h, momentum=0.001)) if norm else None)
+            init.kaiming(net)
+            out.append(net)
+        return out
+
+    def loop(net, m):
+        shape = (m, 32) if m else (32,)
+        x, y = torch.randint(0, 27, (*shape, 3)), torch.randint(0, 27, shape)
+        optimizer = SGD(net.parameters(), lr=0.1)
+
+        def step():
+            logits = net(x)
+            loss = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(shape).mean(-1).sum()
+            optimizer.clear_grads()
+            loss.backward()
+            optimizer.update()
+
+        for _ in range(200):
+            step()
         start = time.perf_counter()
-        subprocess.run(args, cwd=ROOT, check=True, capture_output=True)
-        return time.perf_counter() - start
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - start) / steps * 1e6
+
+    return loop(nets(1)[0], 0), loop(StackedMLP(nets(members)), members)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20000, help="optimizer steps per run")
+    parser.add_argument("--data", help="names file (data.path); default: the config's")
+    parser.add_argument("--steps", type=int, nargs="+", default=[20000], help="optimizer steps per run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    parser.add_argument("--launchers", nargs="+", default=["local", "parallel", "stacked"],
+                        choices=["local", "parallel", "stacked"])
     args = parser.parse_args()
-    rows = []
-    for r in range(args.rounds):
-        sequential, parallel = sweep_seconds("local", args.steps), sweep_seconds("parallel", args.steps)
-        rows.append((sequential, parallel))
-        print(f"round {r + 1}: one after another {sequential:.1f} s, parallel {parallel:.1f} s", file=sys.stderr)
-    seq = statistics.median(s for s, _ in rows)
-    par = statistics.median(p for _, p in rows)
-    speedup = statistics.median(s / p for s, p in rows)
-    print(f"six runs of {args.steps} steps, median of {args.rounds} rounds: one after another {seq:.1f} s, "
-          f"parallel {par:.1f} s, speed-up {speedup:.2f}x")
+    data = [f"data.path={Path(args.data).absolute()}"] if args.data else []
+    print("| sweep | steps | launcher | wall time (median) | vs one single run | peak RSS, largest process |")
+    print("|---|---|---|---|---|---|")
+    for steps in args.steps:
+        for name in args.sweeps:
+            rows = {launcher: [] for launcher in args.launchers}
+            singles = []
+            for r in range(args.rounds):
+                one = single(data, steps)
+                singles.append(one)
+                for launcher in args.launchers:
+                    seconds, rss = sweep(name, launcher, data, steps)
+                    rows[launcher].append((seconds, rss, seconds / one[0]))
+                    print(f"round {r + 1}, {name}, {steps} steps: single {one[0]:.1f} s, {launcher} {seconds:.1f} s "
+                          f"({seconds / one[0]:.2f}x)", file=sys.stderr)
+            one_s, one_rss = statistics.median(s for s, _ in singles), statistics.median(m for _, m in singles)
+            print(f"| {name} ({runs(name)} runs) | {steps:,} | one single run | {one_s:.1f} s | 1.00x | "
+                  f"{one_rss:.0f} MB |")
+            for launcher, got in rows.items():
+                print(f"| {name} ({runs(name)} runs) | {steps:,} | {launcher} | "
+                      f"{statistics.median(s for s, _, _ in got):.1f} s | {statistics.median(x for _, _, x in got):.2f}x | "
+                      f"{statistics.median(m for _, m, _ in got):.0f} MB |")
+    print("\nbare step, hand-written loops, one thread (no Lightning, no logging):")
+    for norm in (False, True):
+        for members in (3, 6, 12, 24):
+            one, stacked = bare_steps(members, norm)
+            print(f"  {'BatchNorm' if norm else 'no norm'}, {members} stacked: {stacked:.0f} us against {one:.0f} us "
+                  f"for one ({stacked / one:.2f}x the time for {members}x the runs; {stacked / members:.0f} us per run)")
+
+
+def runs(name: str) -> int:
+    return math.prod(len(part.split("=", 1)[1].split(",")) for part in SWEEPS[name])
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def test_a_members_state_is_its_single_runs_state_dict():
 def test_groups_are_cut_by_key_and_stack_size():
     assert plan_groups(["a", "b", "a", None, "a", "b"], stack_size=2) == [[0, 2], [1, 5], [3], [4]]
     assert plan_groups([None, None], stack_size=8) == [[0], [1]]
+    # fewer groups than workers: the largest are halved
+    assert plan_groups(["a"] * 5 + ["b"], stack_size=8, workers=3) == [[0, 1, 2], [3, 4], [5]]
 
 
 def test_what_may_differ_inside_a_group(composer):
@@ -193,3 +195,21 @@ def test_a_stopped_group_resumes_and_a_member_resumes_alone(names_txt, tmp_path)
     # and a rerun of the finished sweep trains nothing
     again = run_cli("-m", *STACKED, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}")
     assert "0 completed, 2 already completed" in again.stderr + again.stdout
+
+
+def test_a_stacked_group_trains_on_a_free_gpu_of_the_pool(monkeypatch, tmp_path):
+    """Two GPUs faked, GPU 0 busy (its slot held): the group takes GPU 1 for every member."""
+    from omegaconf import OmegaConf
+
+    import actgrad.gpus
+    from actgrad.gpus import take_gpu
+    from hydra_plugins.actgrad_launcher.stacked_launcher import free_gpu
+
+    monkeypatch.setattr(actgrad.gpus, "gpu_count", lambda: 2)
+    configs = [OmegaConf.create({"trainer": {"accelerator": "auto", "devices": 1}, "jobs_per_gpu": 1,
+                                 "hydra": {"sweep": {"dir": str(tmp_path)}}}) for _ in range(3)]
+    with take_gpu(tmp_path, 2, 1) as busy, free_gpu(configs) as gpu:
+        assert (busy, gpu) == (0, 1)
+        assert [(c.trainer.accelerator, list(c.trainer.devices)) for c in configs] == [("gpu", [1])] * 3
+    with free_gpu(configs) as gpu:  # given back: free again
+        assert gpu == 0

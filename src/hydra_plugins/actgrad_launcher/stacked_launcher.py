@@ -7,6 +7,7 @@ and runs the groups in parallel processes (joblib), `n_jobs` at a time. A group 
 exactly as under Hydra's own launchers, through the task function.
 """
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -22,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 log = logging.getLogger(__name__)
 
 
-def plan_groups(keys: list, stack_size: int) -> list[list[int]]:
-    """Job indices grouped by key (None: alone), in order of first appearance, at most stack_size each."""
+def plan_groups(keys: list, stack_size: int, workers: int = 1) -> list[list[int]]:
+    """Job indices grouped by key (None: alone), in order of first appearance, at most stack_size each;
+    the largest groups halved while there are fewer groups than workers, so none stays idle."""
     groups, open_groups = [], {}
     for i, key in enumerate(keys):
         if key is None:
@@ -34,6 +36,10 @@ def plan_groups(keys: list, stack_size: int) -> list[list[int]]:
             group = open_groups[key] = []
             groups.append(group)
         group.append(i)
+    while len(groups) < workers and max(map(len, groups), default=0) > 1:
+        largest = max(groups, key=len)
+        at = groups.index(largest)
+        groups[at : at + 1] = [largest[: (len(largest) + 1) // 2], largest[(len(largest) + 1) // 2 :]]
     return groups
 
 
@@ -60,13 +66,14 @@ class StackedLauncher(Launcher):
                 cfg.hydra.job.id = f"{cfg.hydra.job.name}_{initial_job_idx + idx}"
                 cfg.hydra.job.num = initial_job_idx + idx
             configs.append(cfg)
-        groups = plan_groups([group_key(cfg) for cfg in configs], self.stack_size)
+        groups = plan_groups([group_key(cfg) for cfg in configs], self.stack_size, self.n_jobs)
+        n_jobs = min(self.n_jobs, len(groups))
         log.info("Launching %d jobs as %d groups (stacked, at most %d a group), %d at a time", len(configs),
-                 len(groups), self.stack_size, self.n_jobs)
+                 len(groups), self.stack_size, n_jobs)
         for group in groups:
             log.info("\t%s", " | ".join(" ".join(filter_overrides(job_overrides[i])) for i in group))
         state = Singleton.get_state()
-        done = Parallel(n_jobs=min(self.n_jobs, len(groups)), backend="loky")(
+        done = Parallel(n_jobs=n_jobs, backend="loky")(
             delayed(run_group)(self.hydra_context, self.task_function, [configs[i] for i in group], state)
             for group in groups)
         returns = [None] * len(configs)
@@ -88,6 +95,28 @@ def run_group(hydra_context, task_function, configs: list[DictConfig], singleton
         HydraConfig.instance().set_config(configs[0])
         return [run_job(hydra_context=hydra_context, task_function=task_function, config=configs[0],
                         job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")]
+    with free_gpu(configs):
+        return train_stacked(configs)
+
+
+@contextlib.contextmanager
+def free_gpu(configs: list[DictConfig]):
+    """The whole group on one free GPU of the sweep's pool, held while it trains; None without GPUs."""
+    from actgrad.gpus import gpu_count, take_gpu
+
+    first = configs[0]
+    if first.trainer.accelerator not in ("auto", "gpu", "cuda"):  # not with trainer=cpu or mps
+        yield None
+        return
+    with take_gpu(first.hydra.sweep.dir, gpu_count(), first.jobs_per_gpu) as gpu:
+        if gpu is not None:
+            for cfg in configs:
+                with open_dict(cfg):
+                    cfg.trainer.accelerator, cfg.trainer.devices = "gpu", [gpu]
+        yield gpu
+
+
+def train_stacked(configs: list[DictConfig]) -> list[JobReturn]:
     from actgrad.group import train_group
 
     dirs = []
