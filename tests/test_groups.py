@@ -201,3 +201,38 @@ def test_every_run_records_what_produced_it(small_names, tmp_path):
 
     card = events.read(tmp_path / "run").Tensors("provenance/text_summary")[0].tensor_proto.string_val[0].decode()
     assert f"| git.commit | {head or None} |" in card and f"| versions.torch | {torch.__version__} |" in card
+
+
+def test_wandb_gets_scalars_histograms_figures_and_the_status(small_names, tmp_path, monkeypatch):
+    """Offline: wandb writes its run into <run dir>/wandb; `wandb sync` would upload it."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    results = train(make_config(*TINY, f"data.path={small_names}", "logger=wandb", "callbacks=default"),
+                    tmp_path / "run")
+    assert results["status"] == "completed"
+    (folder,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    record = next(folder.glob("run-*.wandb")).read_bytes()
+    for expected in (b"train/loss", b"final/val_loss", b"act/saturation/layer1", b'"histogram"', b'"completed"'):
+        assert expected in record
+    figures = {p.name.rsplit("_", 2)[0] for p in (folder / "files" / "media" / "images" / "figures").glob("*.png")}
+    assert figures == {"act", "act_grad", "param_grad", "update_ratio"}
+    # the next run of the same process (a sweep's worker) is a wandb run of its own, in its own dir
+    train(make_config(*TINY, f"data.path={small_names}", "logger=wandb", "seed=1"), tmp_path / "next")
+    assert len(list((tmp_path / "next" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_mlflow_gets_scalars_figures_and_the_status(small_names, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    results = train(make_config(*TINY, f"data.path={small_names}", "logger=mlflow", "callbacks=default",
+                                f"logger.mlflow.tracking_uri={uri}"), tmp_path / "run")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("actgrad").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["status"] == "completed"
+    assert [(m.step, pytest.approx(m.value)) for m in client.get_metric_history(run.info.run_id, "final/val_loss")] == \
+        [(40, results["final/val_loss"])]
+    figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures/act")]
+    assert figures == ["figures/act/step_00000000.png", "figures/act/step_00000039.png"]

@@ -22,7 +22,7 @@ import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -302,6 +302,8 @@ def write_end(trainer, board, cfg, results: dict, latest: dict | None = None) ->
         writer.text("status", yaml.safe_dump(results, sort_keys=False), step)
         for logger in trainer.loggers:  # Lightning's words: MLflow marks its run FINISHED or FAILED by them
             logger.finalize("success" if results["status"] == "completed" else "failed")
+            if isinstance(logger, WandbLogger):  # else the next run of this process (a sweep's worker) would reuse it
+                logger.experiment.finish(exit_code=0 if results["status"] == "completed" else 1)
     except OSError as e:
         log.error("could not write the run's end to its loggers: %s", e)
 

@@ -4,7 +4,8 @@ Diagnostics and the training loop hand it tensors. `write` (and `scalars`, `hist
 call it) reduces each histogram's tensor on its device to min, max, sum, sum of squares and the
 counts of BUCKETS equal buckets over [min, max], moves those and the scalars to the host in one
 transfer, and writes them as one TensorBoard event (one Summary of many values) to every
-TensorBoard logger; other loggers take the scalars. A histogram of a tensor holding NaN or inf
+TensorBoard logger; other loggers take the scalars (Weights & Biases the histograms too).
+Figures go to TensorBoard, W&B and MLflow; charts and text to TensorBoard only. A histogram of a tensor holding NaN or inf
 is written without them, and `<tag>/nonfinite` (a scalar) says how many there were.
 
 Those events go to an event file of this writer's own (EventFile) beside the logger's, in
@@ -26,7 +27,7 @@ import weakref
 from contextlib import contextmanager
 
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from torch.utils.tensorboard import SummaryWriter
@@ -111,8 +112,9 @@ class Writer:
         summary = None
         for logger in self.loggers:
             if not isinstance(logger, TensorBoardLogger):
-                if metrics:
-                    logger.log_metrics(metrics, step=step)
+                values = metrics | (wandb_histograms(hists) if isinstance(logger, WandbLogger) else {})
+                if values:
+                    logger.log_metrics(values, step=step)
                 continue
             writer = logger.experiment
             if isinstance(writer, SummaryWriter) and writer.file_writer is not None:  # open
@@ -132,8 +134,14 @@ class Writer:
                                              list(h.bucket_limit), list(h.bucket), step)
 
     def figure(self, tag: str, figure, step: int) -> None:
-        for writer in self.tensorboards():
-            writer.add_figure(tag, figure, step, close=False)
+        """A matplotlib figure, to every logger that shows images."""
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(tag, figure, step, close=False)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image(tag, [figure], step=step)
+            elif isinstance(logger, MLFlowLogger):  # an artifact per step: MLflow has no images by step
+                logger.experiment.log_figure(logger.run_id, figure, f"{tag}/step_{step:08d}.png")
 
     def charts(self, layout: dict) -> None:
         """TensorBoard's custom-scalars layout: {category: {chart title: [tag regex, ...]}}."""
@@ -190,6 +198,15 @@ def file_name(logdir: str) -> str:
             if newest is None or key > newest[0]:
                 newest = (key, name)
     return f"{newest[1]}.actgrad" if newest else f"events.out.tfevents.{int(time.time()):010d}.{host}.{pid}.actgrad"
+
+
+def wandb_histograms(hists: dict) -> dict:
+    """{tag: wandb.Histogram} of histogram_proto's protos: their buckets as they are, no data again."""
+    if not hists:
+        return {}
+    import wandb  # installed: a WandbLogger exists
+
+    return {tag: wandb.Histogram(np_histogram=(list(h.bucket)[1:], list(h.bucket_limit))) for tag, h in hists.items()}
 
 
 def masked_crc(data: bytes) -> int:
