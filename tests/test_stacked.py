@@ -213,3 +213,17 @@ def test_a_stacked_group_trains_on_a_free_gpu_of_the_pool(monkeypatch, tmp_path)
         assert [(c.trainer.accelerator, list(c.trainer.devices)) for c in configs] == [("gpu", [1])] * 3
     with free_gpu(configs) as gpu:  # given back: free again
         assert gpu == 0
+
+
+@pytest.mark.slow
+def test_groups_as_submitit_jobs(small_names, tmp_path):
+    """hydra/launcher=stacked_slurm with submitit's local executor: one job per group, members normal runs."""
+    pytest.importorskip("submitit")
+    proc = run_cli("-m", "hydra/launcher=stacked_slurm", "hydra.launcher.submitit.cluster=local", *TINY,
+                   f"data.path={small_names}", "optimizer.lr=0.1,0.05", "norm=none,batchnorm",
+                   f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "submitted 2 groups as local jobs" in proc.stderr + proc.stdout
+    statuses = read_statuses(tmp_path)
+    assert len(statuses) == 4 and all(s["status"] == "completed" for s in statuses.values())
+    assert len(list(tmp_path.glob(".submitit/*/*_result.pkl"))) == 2

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 MEMBER_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "betas", "eps")  # optimizer values a member may have its own of
 FREE_KEYS = ("seed", "init", "callbacks", "hydra", "checkpoint_every_n_steps", "threads", "jobs_per_gpu")
 # callbacks of actgrad's own that read a member through the view below (their hooks: start and end of training)
-MEMBER_HOOKS = ("on_train_start", "on_train_end", "on_exception", "state_dict", "load_state_dict")
+MEMBER_HOOKS = ("setup", "on_train_start", "on_train_end", "on_exception", "state_dict", "load_state_dict")
 
 
 def group_key(cfg: DictConfig) -> str | None:
@@ -70,7 +70,7 @@ def member_callback(node) -> bool:
         return False
     if issubclass(cls, Diagnostic) or cls.__module__.startswith("callbacks."):
         return all(name in MEMBER_HOOKS or getattr(cls, name) is getattr(L.Callback, name)
-                   for name in dir(L.Callback) if name.startswith("on_"))
+                   for name in dir(L.Callback) if name.startswith("on_") or name == "teardown")
     return False
 
 
@@ -563,6 +563,9 @@ class MemberHooks(L.Callback):
             for cb in m.callbacks:
                 getattr(cb, hook)(MemberTrainer(trainer, m), m.module, *args)
 
+    def setup(self, trainer, pl_module, stage):
+        self.call("setup", trainer, stage)
+
     def on_train_start(self, trainer, pl_module):
         self.call("on_train_start", trainer)
 
@@ -645,4 +648,5 @@ def fit_group(members: list[Member]) -> list[dict]:
                            "stacked": len(members)})
         m.run.unlock()
         out.append(results)
+    module.stop.hand_over()  # under SLURM, preempted: submitit requeues the group (it resumes) and exits here
     return out

@@ -44,10 +44,11 @@ def plan_groups(keys: list, stack_size: int, workers: int = 1) -> list[list[int]
 
 
 class StackedLauncher(Launcher):
-    def __init__(self, stack_size: int = 64, n_jobs: int = 1) -> None:
+    def __init__(self, stack_size: int = 64, n_jobs: int = 1, submitit=None) -> None:
         if not isinstance(stack_size, int) or isinstance(stack_size, bool) or stack_size < 1:
             raise ValueError(f"hydra.launcher.stack_size={stack_size!r}: must be a whole number >= 1")
         self.stack_size, self.n_jobs = stack_size, n_jobs
+        self.submitit = dict(submitit) if submitit else None  # each group one submitit job (stacked_slurm.yaml)
         self.config = self.task_function = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -73,14 +74,41 @@ class StackedLauncher(Launcher):
         for group in groups:
             log.info("\t%s", " | ".join(" ".join(filter_overrides(job_overrides[i])) for i in group))
         state = Singleton.get_state()
-        done = Parallel(n_jobs=n_jobs, backend="loky")(
-            delayed(run_group)(self.hydra_context, self.task_function, [configs[i] for i in group], state)
-            for group in groups)
+        tasks = [(self.hydra_context, self.task_function, [configs[i] for i in group], state) for group in groups]
+        if self.submitit:
+            done = self.submit(tasks)
+        else:
+            done = Parallel(n_jobs=n_jobs, backend="loky")(delayed(run_group)(*task) for task in tasks)
         returns = [None] * len(configs)
         for group, rets in zip(groups, done):
             for i, ret in zip(group, rets):
                 returns[i] = ret
         return returns
+
+
+    def submit(self, tasks: list) -> list:
+        """Each group as one job of a submitit executor (SLURM, or `local` for a try), all as one array."""
+        import submitit
+
+        params = dict(self.submitit)
+        executor = submitit.AutoExecutor(folder=params.pop("folder"), cluster=params.pop("cluster", None))
+        executor.update_parameters(**params)
+        jobs = executor.map_array(GroupTask(), *zip(*tasks))
+        log.info("submitted %d groups as %s jobs %s", len(jobs), executor.cluster, ", ".join(j.job_id for j in jobs))
+        return [job.results()[0] for job in jobs]
+
+
+class GroupTask:
+    """run_group for submitit: on preemption it is requeued with the same group, which resumes
+    every member from its last checkpoint (submitit's Checkpointable protocol)."""
+
+    def __call__(self, *args):
+        return run_group(*args)
+
+    def checkpoint(self, *args):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args)
 
 
 def job_dir(cfg: DictConfig) -> Path:
