@@ -32,6 +32,7 @@ from test_train import run_cli, scalars
         ("+trainer.default_root_dir=x", "use hydra.run.dir=<dir>"),
         ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: not supported; actgrad steps the optimizer"),
         ("+trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4: not supported"),
+        ("+trainer.overfit_batches=1", "trainer.overfit_batches=1: not supported; every step draws a batch of its own"),
     ],
 )
 def test_a_trainer_setting_actgrad_decides_is_refused_naming_the_key_to_use(override, says, tmp_path):

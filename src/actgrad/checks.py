@@ -35,8 +35,13 @@ ACTGRAD_SETS = {
     "default_root_dir": "hydra.run.dir=<dir>",
     "fast_dev_run": "debug=fdr",
 }
-# Lightning refuses these for manual optimization, which actgrad's loop is (see module.py), once fit has started
-MANUAL_OPTIMIZATION = {"gradient_clip_val": (None, 0), "accumulate_grad_batches": (None, 1)}
+# Trainer settings actgrad's loop cannot honour: {key: (the values that are fine, why not others)}
+MANUAL = "actgrad steps the optimizer itself (Lightning's manual optimization), which Lightning neither clips nor accumulates for"
+UNSUPPORTED = {
+    "gradient_clip_val": ((None, 0), MANUAL),  # Lightning would refuse them once fit has started
+    "accumulate_grad_batches": ((None, 1), MANUAL),
+    "overfit_batches": ((0, 0.0), "every step draws a batch of its own (actgrad.data), so no batch is ever repeated"),
+}
 
 
 def trainer_refusal(key: str, value: Any) -> str | None:
@@ -45,9 +50,8 @@ def trainer_refusal(key: str, value: Any) -> str | None:
     if key in ACTGRAD_SETS and not (key == "check_val_every_n_epoch" and value is None):  # conf/trainer's own value
         steps = value if isinstance(value, int) and not isinstance(value, bool) else "<steps>"
         return f"{line}: actgrad sets it; use {ACTGRAD_SETS[key].format(steps=steps)}"
-    if key in MANUAL_OPTIMIZATION and value not in MANUAL_OPTIMIZATION[key]:
-        return (f"{line}: not supported; actgrad steps the optimizer itself (Lightning's manual optimization), "
-                "which Lightning neither clips nor accumulates for")
+    if key in UNSUPPORTED and value not in UNSUPPORTED[key][0]:
+        return f"{line}: not supported; {UNSUPPORTED[key][1]}"
     return None
 
 
