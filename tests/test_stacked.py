@@ -227,3 +227,16 @@ def test_groups_as_submitit_jobs(small_names, tmp_path):
     statuses = read_statuses(tmp_path)
     assert len(statuses) == 4 and all(s["status"] == "completed" for s in statuses.values())
     assert len(list(tmp_path.glob(".submitit/*/*_result.pkl"))) == 2
+
+
+def test_a_stack_too_big_for_memory_is_refused_in_one_line(monkeypatch, composer, small_names, tmp_path):
+    import actgrad.group
+    from actgrad.group import train_group
+
+    monkeypatch.setattr(actgrad.group, "available_memory", lambda: 10**6)  # 1 MB left
+    cfgs = [composer(*TINY, f"data.path={small_names}", f"optimizer.lr={lr}") for lr in (0.1, 0.05)]
+    results = train_group(cfgs, [tmp_path / "a", tmp_path / "b"])
+    for result, name in zip(results, "ab"):
+        assert result["status"] == "failed"
+        assert "lower hydra.launcher.stack_size" in result["error"] and "\n" not in result["error"]
+        assert sorted(os.listdir(tmp_path / name)) == ["attempts.jsonl", "status.yaml"]  # no half-written run

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from actgrad import experiment
 from actgrad.checkpoint import AtomicCheckpointIO, AlreadyCompleted, config_hash, load, plan_start, run_config
 from actgrad.checks import check_config, explain
+from actgrad.data import available_memory
 from actgrad.diagnostic import START_HERE, Diagnostic, layout
 from actgrad.module import LanguageModel, count_optimizer_steps
 from actgrad.rundir import Busy, RunDir, note_before_hydra
@@ -40,6 +41,7 @@ from actgrad.writer import Writer
 
 log = logging.getLogger(__name__)
 
+EVAL_CHUNK = 4096  # examples per evaluation forward pass, shared by the members of a stack
 MEMBER_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "betas", "eps")  # optimizer values a member may have its own of
 FREE_KEYS = ("seed", "init", "callbacks", "hydra", "checkpoint_every_n_steps", "threads", "jobs_per_gpu")
 # callbacks of actgrad's own that read a member through the view below (their hooks: start and end of training)
@@ -181,13 +183,7 @@ def prepare_member(full: DictConfig, run_dir: Path, data_cache: dict) -> Member 
         if message is None:
             run.unlock()
             raise
-        log.error("%s: %s", run.path, message)
-        run.discard()  # nothing of this attempt's own stays, but why it failed, for the sweep's summary
-        run.path.mkdir(parents=True, exist_ok=True)
-        if run.status() is None:
-            run.write_status({"status": "failed", "error": message})
-        run.log_attempt({"outcome": "failed", "error": message})
-        return {"status": "failed", "error": message}
+        return refused(Member(cfg, full, run, None, None), message)  # leaves only why, for the sweep's summary
     if not stackable(net):
         run.unlock()
         return {"status": "failed", "error": f"model {type(net).__name__} cannot be stacked"}
@@ -418,11 +414,12 @@ class StackedModule(L.LightningModule):
         self.set_lrs()
 
     @torch.no_grad()
-    def evaluate(self, x, y, chunk=4096) -> torch.Tensor:
+    def evaluate(self, x, y) -> torch.Tensor:
         """Every member's mean loss over a whole split, in eval mode: (members,)."""
         was_training = self.net.training
         self.net.eval()
         members = len(self.members)
+        chunk = max(64, EVAL_CHUNK // members)  # examples per forward: the members' activations together stay bounded
         total = 0
         for xc, yc in zip(x.split(chunk), y.split(chunk)):
             xc, yc = xc.to(self.device).long(), yc.to(self.device).long()
@@ -589,9 +586,47 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
     for i, m in members:  # members resume together only from one step
         by_step.setdefault(m.start.step, []).append((i, m))
     for part in by_step.values():
-        for i, r in zip([i for i, _ in part], fit_group([m for _, m in part])):
+        group = [m for _, m in part]
+        message = too_big(group)
+        outcomes = [refused(m, message) for m in group] if message else fit_group(group)
+        for (i, _), r in zip(part, outcomes):
             results[i] = r
     return results
+
+
+def memory_needed(members: list[Member]) -> int:
+    """Bytes a stack of these members takes: per member its parameters (with gradients and up to two
+    optimizer states) and one step's activations, training and evaluating (module.EVAL_CHUNK examples)."""
+    net, cfg = members[0].module.net, members[0].cfg
+    params = sum(p.numel() for p in net.parameters())
+    widths = cfg.data.block_size * cfg.model.n_embd + 4 * cfg.model.n_hidden * cfg.model.n_layers + 3 * len(members[0].data.vocab)
+    per_member = 4 * (4 * params + (cfg.data.batch_size + EVAL_CHUNK // len(members)) * widths * 2)
+    return per_member * len(members)
+
+
+def too_big(members: list[Member]) -> str | None:
+    """One line if the stack would not fit in the memory left (the device's, or the machine's)."""
+    device = members[0].cfg.trainer.get("devices")
+    if torch.cuda.is_available() and members[0].cfg.trainer.accelerator in ("gpu", "cuda", "auto"):
+        index = device[0] if isinstance(device, (list, tuple)) or OmegaConf.is_list(device) else 0
+        free = torch.cuda.mem_get_info(index)[0]
+    else:
+        free = available_memory()
+    need = memory_needed(members)
+    if free is None or need < 0.8 * free:
+        return None
+    return (f"a stack of {len(members)} runs needs about {need / 2**30:.1f} GB and {free / 2**30:.1f} GB is free: "
+            f"lower hydra.launcher.stack_size (now at least {len(members)})")
+
+
+def refused(m: Member, message: str) -> dict:
+    log.error("%s: %s", m.run.path, message)
+    m.run.discard()
+    m.run.path.mkdir(parents=True, exist_ok=True)
+    if m.run.status() is None:
+        m.run.write_status({"status": "failed", "error": message})
+    m.run.log_attempt({"outcome": "failed", "error": message})
+    return {"status": "failed", "error": message}
 
 
 def fit_group(members: list[Member]) -> list[dict]:
