@@ -229,7 +229,8 @@ def test_mlflow_gets_scalars_figures_and_the_status(small_names, tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     results = train(make_config(*TINY, f"data.path={small_names}", "logger=mlflow", "callbacks=default",
-                                f"logger.mlflow.tracking_uri={uri}"), tmp_path / "run")
+                                f"logger.mlflow.tracking_uri={uri}",
+                                f"logger.mlflow.artifact_location={tmp_path / 'artifacts'}"), tmp_path / "run")
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("actgrad").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["status"] == "completed"
@@ -237,3 +238,4 @@ def test_mlflow_gets_scalars_figures_and_the_status(small_names, tmp_path):
         [(40, results["final/val_loss"])]
     figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures/act")]
     assert figures == ["figures/act/step_00000000.png", "figures/act/step_00000039.png"]
+    assert (tmp_path / "artifacts").is_dir()  # not ./mlruns wherever the tests run
