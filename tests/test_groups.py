@@ -239,3 +239,13 @@ def test_mlflow_gets_scalars_figures_and_the_status(small_names, tmp_path):
     figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures/act")]
     assert figures == ["figures/act/step_00000000.png", "figures/act/step_00000039.png"]
     assert (tmp_path / "artifacts").is_dir()  # not ./mlruns wherever the tests run
+
+
+def test_a_sweeps_end_names_tensorboard_and_the_report(small_names, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "hydra/launcher=local", "init=naive,kaiming", *TINY, f"data.path={small_names}",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout + proc.stderr
+    assert f"sweep {sweep}: 2 completed, 0 already completed, 0 diverged, 0 failed" in said
+    assert f"look at it: tensorboard --logdir {sweep}; its loss table: python scripts/report.py {sweep}" in said
