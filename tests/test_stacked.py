@@ -21,6 +21,7 @@ from conftest import ROOT, TINY
 from hydra_plugins.actgrad_launcher.stacked_launcher import plan_groups
 
 STACKED = ["hydra/launcher=stacked", "trainer.enable_progress_bar=false"]
+ONE_GROUP = [*STACKED, "hydra.launcher.n_jobs=1"]  # no group halved to keep a second worker busy
 RUN = ["trainer.max_steps=600", "steps_per_batch=50", "log_every_n_steps=50", "val_every_n_steps=200",
        "checkpoint_every_n_steps=300", "trainer.enable_progress_bar=false"]
 
@@ -109,7 +110,7 @@ def assert_same_run(stacked_dir, single_dir, rel=1e-5):
 def test_each_member_equals_its_single_run(optimizer, lrs, names_txt, tmp_path):
     """Same data order, same init, per-member lr through the lecture's step decay, BatchNorm."""
     common = [*RUN, f"data.path={names_txt}", f"optimizer={optimizer}", "norm=batchnorm", "callbacks=default"]
-    proc = run_cli("-m", *STACKED, *common, "init=naive,kaiming", f"optimizer.lr={lrs}",
+    proc = run_cli("-m", *ONE_GROUP, *common, "init=naive,kaiming", f"optimizer.lr={lrs}",
                    f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "as 1 groups" in proc.stderr + proc.stdout  # all four stacked together
@@ -137,7 +138,8 @@ def test_each_member_equals_its_single_run(optimizer, lrs, names_txt, tmp_path):
 @pytest.mark.slow
 def test_a_diverging_member_is_frozen_and_the_others_finish(small_names, tmp_path):
     common = [*TINY, f"data.path={small_names}"]
-    proc = run_cli("-m", *STACKED, *common, "optimizer.lr=0.1,1e30", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    proc = run_cli("-m", *ONE_GROUP, *common, "optimizer.lr=0.1,1e30", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert "as 1 groups" in proc.stderr + proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
     statuses = read_statuses(tmp_path / "sweep")
     assert statuses["optimizer.lr=1e+30"]["status"] == "diverged"
@@ -151,7 +153,7 @@ def test_a_diverging_member_is_frozen_and_the_others_finish(small_names, tmp_pat
 
 @pytest.mark.slow
 def test_a_member_with_a_bad_setting_fails_alone(small_names, tmp_path):
-    proc = run_cli("-m", *STACKED, *TINY, f"data.path={small_names}", "optimizer.lr=0.1,-1,0.05",
+    proc = run_cli("-m", *ONE_GROUP, *TINY, f"data.path={small_names}", "optimizer.lr=0.1,-1,0.05",
                    f"hydra.sweep.dir={tmp_path}")
     statuses = read_statuses(tmp_path)
     assert statuses["optimizer.lr=-1"]["status"] == "failed"
@@ -169,7 +171,7 @@ def test_a_stopped_group_resumes_and_a_member_resumes_alone(names_txt, tmp_path)
               "checkpoint_every_n_steps=1000", "trainer.enable_progress_bar=false", "callbacks=default",
               f"data.path={names_txt}"]
     sweep = tmp_path / "sweep"
-    args = [sys.executable, "train.py", "-m", *STACKED, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}"]
+    args = [sys.executable, "train.py", "-m", *ONE_GROUP, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not list(sweep.glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
@@ -184,7 +186,7 @@ def test_a_stopped_group_resumes_and_a_member_resumes_alone(names_txt, tmp_path)
     # a copy of one member, resumed by a single run
     alone = tmp_path / "alone"
     subprocess.run(["cp", "-r", str(sweep / "init=kaiming"), str(alone)], check=True)
-    rerun = run_cli("-m", *STACKED, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}")
+    rerun = run_cli("-m", *ONE_GROUP, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     statuses = read_statuses(sweep)
     assert all(s["status"] == "completed" and s["steps"] == 8000 for s in statuses.values())
@@ -193,7 +195,7 @@ def test_a_stopped_group_resumes_and_a_member_resumes_alone(names_txt, tmp_path)
     assert "resuming from" in single.stderr + single.stdout
     assert_same_run(sweep / "init=kaiming", alone)
     # and a rerun of the finished sweep trains nothing
-    again = run_cli("-m", *STACKED, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}")
+    again = run_cli("-m", *ONE_GROUP, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}")
     assert "0 completed, 2 already completed" in again.stderr + again.stdout
 
 
@@ -240,3 +242,32 @@ def test_a_stack_too_big_for_memory_is_refused_in_one_line(monkeypatch, composer
         assert result["status"] == "failed"
         assert "lower hydra.launcher.stack_size" in result["error"] and "\n" not in result["error"]
         assert sorted(os.listdir(tmp_path / name)) == ["attempts.jsonl", "status.yaml"]  # no half-written run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("common, members", [
+    # SGD: per-member lr, momentum and weight decay; LayerNorm; cosine schedule; inits and seeds differ
+    (["optimizer=sgd", "norm=layernorm", "scheduler=cosine"],
+     [["optimizer.lr=0.1", "optimizer.momentum=0.9", "init=xavier"],
+      ["optimizer.lr=0.05", "optimizer.weight_decay=0.001", "init=pytorch", "seed=7"],
+      ["optimizer.lr=0.02", "init=scaled"]]),
+    # AdamW: per-member betas, eps and weight decay; no norm; the lecture's step decay
+    (["optimizer=adamw", "norm=none"],
+     [["optimizer.lr=0.01", "optimizer.betas=[0.8,0.99]"],
+      ["optimizer.lr=0.003", "optimizer.weight_decay=0.1", "+optimizer.eps=1e-6", "init=scaled_output"],
+      ["optimizer.lr=0.005", "init=naive"]]),
+])
+def test_per_member_hyperparameters_match_single_runs(common, members, composer, small_names, tmp_path):
+    from actgrad.experiment import train
+    from actgrad.group import train_group
+
+    run = ["trainer.max_steps=300", "steps_per_batch=50", "log_every_n_steps=25", "val_every_n_steps=100",
+           "trainer.enable_progress_bar=false", "callbacks=default", f"data.path={small_names}"]
+    cfgs = [composer(*run, *common, *own) for own in members]
+    assert len({group_key(c) for c in cfgs}) == 1
+    stacked = train_group(cfgs, [tmp_path / f"stacked{i}" for i in range(len(cfgs))])
+    assert [r["status"] for r in stacked] == ["completed"] * len(cfgs)
+    for i, cfg in enumerate(cfgs):
+        single = train(cfg, tmp_path / f"single{i}")
+        assert stacked[i]["final/val_loss"] == pytest.approx(single["final/val_loss"], rel=1e-5)
+        assert_same_run(tmp_path / f"stacked{i}", tmp_path / f"single{i}")

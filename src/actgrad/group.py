@@ -251,22 +251,18 @@ class StackedModule(L.LightningModule):
 
     # --- optimizer: member 0's optimizer over the stack, with each member's own numbers as tensors
     def configure_optimizers(self):
-        optimizer = instantiate(self.first.optimizer)(self.net.parameters())
+        self.optimizer = optimizer = instantiate(self.first.optimizer)(self.net.parameters())
         self.index = optimizer.member_index(len(self.members))
         group = optimizer.param_groups[0]
-        for key in MEMBER_NUMBERS:
-            if key not in group or key == "lr":
-                continue
-            values = [m.cfg.optimizer.get(key, group[key]) for m in self.members]
-            if key == "betas":
-                group[key] = tuple(self.spread([v[j] for v in values]) for j in range(2))
-            else:
-                group[key] = self.spread(values)
+        # each member's own numbers (the optimizer's default where its config has none), as a single run has them
+        number = lambda key, v: tuple(float(b) for b in v) if key == "betas" else float(v)  # noqa: E731
+        self.member_values = [{key: number(key, m.cfg.optimizer.get(key, group[key]))
+                               for key in MEMBER_NUMBERS if key in group and key != "lr"} for m in self.members]
+        self.spread_values(self.member_values)
         # the schedule of each member's lr, stepped as one: one parameter group per member
         self.proxy = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": float(m.cfg.optimizer.lr)}
                                       for m in self.members])
         self.scheduler = instantiate(self.first.scheduler)(self.proxy) if self.first.scheduler else None
-        self.optimizer = optimizer
         return optimizer
 
     def spread(self, values):
@@ -455,10 +451,7 @@ class StackedModule(L.LightningModule):
         m = self.members[j]
         opt = checkpoint["optimizer_states"][0]
         group = dict(opt["param_groups"][0])
-        for key in MEMBER_NUMBERS:
-            if key in group:
-                value = m.cfg.optimizer.get(key, group[key])
-                group[key] = tuple(float(v) for v in value) if key == "betas" else float(value)
+        group.update(self.member_values[j])
         lrs = self.member_lrs()
         group["lr"] = lrs[j]
         if self.scheduler is not None:
@@ -491,12 +484,15 @@ class StackedModule(L.LightningModule):
             for g, lr in zip(self.proxy.param_groups, state.get("_last_lr", self.member_lrs())):
                 g["lr"] = lr
         self.lrs = None
+        self.spread_values([{key: v[key] for key in values} for v, values in zip(optimizer_values, self.member_values)])
+
+    def spread_values(self, member_values: list[dict]):
+        """Each member's optimizer numbers into the stacked optimizer's group, as numbers or tensors."""
         group = self.optimizer.param_groups[0]
-        for key in MEMBER_NUMBERS:
-            if key in group and key != "lr":
-                values = [v[key] for v in optimizer_values]
-                group[key] = (tuple(self.spread([v[i] for v in values]) for i in range(2)) if key == "betas"
-                              else self.spread(values))
+        for key in member_values[0]:
+            values = [v[key] for v in member_values]
+            group[key] = (tuple(self.spread([v[i] for v in values]) for i in range(2)) if key == "betas"
+                          else self.spread(values))
 
     def merged_checkpoint(self) -> dict:
         """The members' last checkpoints as one checkpoint of the stack (a resumed group)."""
