@@ -11,6 +11,7 @@ the optimizer's numbers (lr, momentum, weight decay, betas, eps) and the diagnos
 See `group_key`.
 """
 
+import contextlib
 import copy
 import logging
 import math
@@ -129,6 +130,42 @@ class MemberTrainer:
         return self.member.callbacks
 
 
+class MemberLogs:
+    """Each member's job log, where Hydra would write it (<run dir>/train.log, Hydra's job_logging
+    format): the group's own lines go to every member's log, a member's lines to its log alone."""
+
+    def __init__(self, members: list[Member]):
+        self.handlers = []
+        for m in members:
+            name = OmegaConf.select(m.full, "hydra.job.name", default="train")
+            fmt = OmegaConf.select(m.full, "hydra.job_logging.formatters.simple.format",
+                                   default="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+            handler = logging.FileHandler(m.run.path / f"{name}.log", delay=True)
+            handler.setFormatter(logging.Formatter(fmt))
+            self.handlers.append(handler)
+
+    def __enter__(self):
+        for h in self.handlers:
+            logging.getLogger().addHandler(h)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handlers:
+            logging.getLogger().removeHandler(h)
+            h.close()
+
+    @contextlib.contextmanager
+    def only(self, j: int):
+        others = [h for i, h in enumerate(self.handlers) if i != j]
+        for h in others:
+            logging.getLogger().removeHandler(h)
+        try:
+            yield
+        finally:
+            for h in others:
+                logging.getLogger().addHandler(h)
+
+
 def hydra_of(full: DictConfig) -> None:
     """Make a member's config the current Hydra config (the .hydra record, HPARAMS columns and stop file read it)."""
     if "hydra" in full:
@@ -235,9 +272,9 @@ class StackedBatches:
 class StackedModule(L.LightningModule):
     """The training loop of module.LanguageModel (its fast path), for a stack of members."""
 
-    def __init__(self, members: list[Member], stop=None):
+    def __init__(self, members: list[Member], stop=None, logs=None):
         super().__init__()
-        self.members = members
+        self.members, self.logs = members, logs
         self.net = StackedMLP([m.module.net for m in members])
         self.first = members[0].cfg
         self.log_every_n_steps, self.val_every_n_steps = self.first.log_every_n_steps, self.first.val_every_n_steps
@@ -399,7 +436,8 @@ class StackedModule(L.LightningModule):
     def diverged(self, j: int, error: str):
         """Record member j as diverged and freeze its weights: the other members train on."""
         m = self.members[j]
-        log.error("%s: %s", m.run.path, error)
+        with self.logs.only(j) if self.logs else contextlib.nullcontext():
+            log.error("%s", error)
         m.results = {"status": "diverged", "error": error, "steps": self.global_step}
         params = self.optimizer.flat_params
         mask = self.index == j
@@ -553,8 +591,9 @@ class MemberHooks(L.Callback):
                 continue
             m.module.net.load_state_dict(member_state(state, j))
             m.module.to(self.module.device)
-            for cb in m.callbacks:
-                getattr(cb, hook)(MemberTrainer(trainer, m), m.module, *args)
+            with self.module.logs.only(j) if self.module.logs else contextlib.nullcontext():
+                for cb in m.callbacks:
+                    getattr(cb, hook)(MemberTrainer(trainer, m), m.module, *args)
 
     def setup(self, trainer, pl_module, stage):
         self.call("setup", trainer, stage)
@@ -626,6 +665,11 @@ def refused(m: Member, message: str) -> dict:
 
 
 def fit_group(members: list[Member]) -> list[dict]:
+    with MemberLogs(members) as logs:
+        return fit_logged(members, logs)
+
+
+def fit_logged(members: list[Member], logs: MemberLogs) -> list[dict]:
     first = members[0].cfg
     for m in members:
         hydra_of(m.full)
@@ -639,7 +683,7 @@ def fit_group(members: list[Member]) -> list[dict]:
         m.logger = TensorBoardLogger(save_dir=str(m.run.path), name="", version="", default_hp_metric=False,
                                      purge_step=m.start.step if m.run.has_events() else None)
         m.writer = Writer([m.logger])
-    module = StackedModule(members, stop=StopRequest(experiment.sweep_stop_file()))
+    module = StackedModule(members, stop=StopRequest(experiment.sweep_stop_file()), logs=logs)
     callbacks = [MemberHooks(module), instantiate(first.checkpoints.last, dirpath=str(members[0].run.path / "checkpoints"))]
     trainer = instantiate(first.trainer, logger=False, callbacks=callbacks, plugins=[StackedCheckpointIO(module)],
                           enable_progress_bar=False)
@@ -663,21 +707,27 @@ def fit_group(members: list[Member]) -> list[dict]:
         log.exception("stacked group failed")
         status = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     out = []
-    for m in members:
-        hydra_of(m.full)
-        view = MemberTrainer(trainer, m)
-        results = dict(m.results or status)
-        results["steps"] = results.get("steps", trainer.global_step)
-        if results["status"] == "completed" and module.stop.signum is not None and trainer.global_step < trainer.max_steps:
-            results = {"status": "interrupted", "steps": trainer.global_step,
-                       "signal": signal.Signals(module.stop.signum).name}
-        if results["status"] == "completed":
-            experiment.finish(m.cfg, view, m.module, m.data, results)
-        experiment.write_end(view, m.logger, m.cfg, results)
-        m.run.write_status(results)
-        m.run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
-                           "stacked": len(members)})
-        m.run.unlock()
-        out.append(results)
+    for j, m in enumerate(members):
+        with logs.only(j):
+            out.append(end_member(m, trainer, module, status))
     module.stop.hand_over()  # under SLURM, preempted: submitit requeues the group (it resumes) and exits here
     return out
+
+
+def end_member(m: Member, trainer, module, status: dict) -> dict:
+    """A member's end, as a single run's: final losses, TensorBoard's last words, status and attempt."""
+    hydra_of(m.full)
+    view = MemberTrainer(trainer, m)
+    results = dict(m.results or status)
+    results["steps"] = results.get("steps", trainer.global_step)
+    if results["status"] == "completed" and module.stop.signum is not None and trainer.global_step < trainer.max_steps:
+        results = {"status": "interrupted", "steps": trainer.global_step,
+                   "signal": signal.Signals(module.stop.signum).name}
+    if results["status"] == "completed":
+        experiment.finish(m.cfg, view, m.module, m.data, results)
+    experiment.write_end(view, m.logger, m.cfg, results)
+    m.run.write_status(results)
+    m.run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
+                       "stacked": len(module.members)})
+    m.run.unlock()
+    return results
