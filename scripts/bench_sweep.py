@@ -58,7 +58,7 @@ def bare_steps(members: int, norm: bool, steps: int = 2000) -> tuple[float, floa
     from actgrad import init
     from actgrad.model import MLP
     from actgrad.optim import SGD
-    from actgrad.stack import StackedMLP
+    from actgrad.stacked_mlp import StackedMLP
 
     torch.set_num_threads(1)
 

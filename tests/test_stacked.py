@@ -10,14 +10,14 @@ from functools import partial
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ROOT, TINY
 
 from actgrad import events, init
 from actgrad.checkpoint import load
 from actgrad.group import group_key
 from actgrad.model import MLP
-from actgrad.stack import StackedMLP, member_state, stack_states
+from actgrad.stacked_mlp import StackedMLP, member_state, stack_states
 from actgrad.sweep import read_statuses
-from conftest import ROOT, TINY
 from hydra_plugins.actgrad_launcher.stacked_launcher import plan_groups
 
 STACKED = ["hydra/launcher=stacked", "trainer.enable_progress_bar=false"]
@@ -47,7 +47,8 @@ def test_a_stacked_forward_and_backward_equal_each_member_alone(norm):
     x = torch.randint(0, 27, (3, 32, 3))
     y = torch.randint(0, 27, (3, 32))
     logits = stacked(x)
-    nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(3, 32).mean(1).sum().backward()
+    losses = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(3, 32).mean(1)
+    losses.sum().backward()
     for i, net in enumerate(members):
         alone = net(x[i])
         torch.testing.assert_close(logits[i], alone, rtol=1e-6, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Train a group of a sweep's runs that share one shape as one stacked model, in one process.
+"""Which runs of a sweep train together as one stacked model, and each member's attempt around it.
 
 Each member stays a normal run: its own run dir (.hydra/, run.yaml, status.yaml, attempts),
 its own TensorBoard run with a single run's tags, its own diagnostics (fed `snapshot.member(i)`),
@@ -11,39 +11,44 @@ the optimizer's numbers (lr, momentum, weight decay, betas, eps) and the diagnos
 See `group_key`.
 """
 
-import contextlib
 import copy
 import logging
 import math
 import os
 import signal
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from actgrad import experiment
-from actgrad.checkpoint import AtomicCheckpointIO, AlreadyCompleted, config_hash, load, plan_start, run_config
+from actgrad.checkpoint import AlreadyCompleted, config_hash, plan_start, run_config
 from actgrad.checks import check_config, explain
 from actgrad.data import available_memory
-from actgrad.diagnostic import START_HERE, Diagnostic, layout
-from actgrad.module import LanguageModel, count_optimizer_steps
+from actgrad.diagnostic import Diagnostic
+from actgrad.module import LanguageModel
 from actgrad.rundir import Busy, RunDir, note_before_hydra
-from actgrad.snapshot import Recorder
-from actgrad.stack import StackedMLP, member_state, stack_states, stackable
+from actgrad.stacked import (
+    EVAL_CHUNK,
+    MEMBER_NUMBERS,
+    Member,
+    MemberHooks,
+    MemberLogs,
+    MemberTrainer,
+    StackedCheckpointIO,
+    StackedData,
+    StackedModule,
+)
+from actgrad.stacked_mlp import stackable
 from actgrad.stop import StopRequest
 from actgrad.writer import Writer
 
 log = logging.getLogger(__name__)
 
-EVAL_CHUNK = 4096  # examples per evaluation forward pass, shared by the members of a stack
-MEMBER_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "betas", "eps")  # optimizer values a member may have its own of
 FREE_KEYS = ("seed", "init", "callbacks", "hydra", "checkpoint_every_n_steps", "threads", "jobs_per_gpu")
 # callbacks of actgrad's own that read a member through the view below (their hooks: start and end of training)
 MEMBER_HOOKS = ("setup", "on_train_start", "on_train_end", "on_exception", "state_dict", "load_state_dict")
@@ -75,95 +80,6 @@ def member_callback(node) -> bool:
         return all(name in MEMBER_HOOKS or getattr(cls, name) is getattr(L.Callback, name)
                    for name in dir(L.Callback) if name.startswith("on_") or name == "teardown")
     return False
-
-
-@dataclass
-class Member:
-    """One run of the group: its config, dir, own (unstacked) module, loggers and state."""
-
-    cfg: DictConfig  # the run's config (as train.py gets it)
-    full: DictConfig  # with the `hydra` node: what HydraConfig holds while this member is handled
-    run: RunDir
-    module: LanguageModel  # its own MLP: built and initialised as a single run would, then stacked
-    start: object
-    data: object = None
-    logger: TensorBoardLogger = None
-    writer: Writer = None
-    callbacks: list = field(default_factory=list)
-    best: object = None  # its ModelCheckpoint (state only: the group saves best.ckpt itself)
-    written: tuple = (None, {})
-    results: dict | None = None  # set when the member ends early (diverged)
-
-    @property
-    def diagnostics(self):
-        return [c for c in self.callbacks if isinstance(c, Diagnostic)]
-
-
-class MemberTrainer:
-    """What a member's callbacks see of the trainer: the group's step, the member's data and loggers."""
-
-    def __init__(self, trainer, member: Member):
-        self.trainer, self.member = trainer, member
-
-    @property
-    def global_step(self):
-        return self.trainer.global_step
-
-    @property
-    def max_steps(self):
-        return self.trainer.max_steps
-
-    @property
-    def datamodule(self):
-        return self.member.data
-
-    @property
-    def loggers(self):
-        return [self.member.logger]
-
-    @property
-    def logger(self):
-        return self.member.logger
-
-    @property
-    def callbacks(self):
-        return self.member.callbacks
-
-
-class MemberLogs:
-    """Each member's job log, where Hydra would write it (<run dir>/train.log, Hydra's job_logging
-    format): the group's own lines go to every member's log, a member's lines to its log alone."""
-
-    def __init__(self, members: list[Member]):
-        self.handlers = []
-        for m in members:
-            name = OmegaConf.select(m.full, "hydra.job.name", default="train")
-            fmt = OmegaConf.select(m.full, "hydra.job_logging.formatters.simple.format",
-                                   default="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-            handler = logging.FileHandler(m.run.path / f"{name}.log", delay=True)
-            handler.setFormatter(logging.Formatter(fmt))
-            self.handlers.append(handler)
-
-    def __enter__(self):
-        for h in self.handlers:
-            logging.getLogger().addHandler(h)
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handlers:
-            logging.getLogger().removeHandler(h)
-            h.close()
-
-    @contextlib.contextmanager
-    def only(self, j: int):
-        others = [h for i, h in enumerate(self.handlers) if i != j]
-        for h in others:
-            logging.getLogger().removeHandler(h)
-        try:
-            yield
-        finally:
-            for h in others:
-                logging.getLogger().addHandler(h)
 
 
 def hydra_of(full: DictConfig) -> None:
@@ -227,387 +143,6 @@ def prepare_member(full: DictConfig, run_dir: Path, data_cache: dict) -> Member 
     return Member(cfg, full, run, module, start, data=data)
 
 
-class StackedData(L.LightningDataModule):
-    """Every member's minibatches of a step, stacked: (steps, members, batch, block)."""
-
-    def __init__(self, members: list[Member], steps_per_batch: int, max_steps: int, cadences: tuple):
-        super().__init__()
-        self.members = members
-        self.loaders = {}
-        for m in members:  # members of one seed draw the same batches: draw them once
-            m.data.steps_per_batch, m.data.max_steps, m.data.seed, m.data.cadences = (
-                steps_per_batch, max_steps, m.cfg.seed, cadences)
-        self.steps_per_batch, self.max_steps, self.cadences = steps_per_batch, max_steps, cadences
-
-    @property
-    def splits(self):
-        return self.members[0].data.splits
-
-    def train_dataloader(self):
-        from actgrad.data import RandomBatches
-
-        x, y = self.splits["train"]
-        seeds = sorted({m.cfg.seed for m in self.members})
-        batches = {s: RandomBatches(x, y, self.members[0].data.batch_size, self.steps_per_batch, self.max_steps, s,
-                                    first_step=lambda: self.trainer.global_step, cadences=self.cadences)
-                   for s in seeds}
-        where = torch.tensor([seeds.index(m.cfg.seed) for m in self.members])
-        return StackedBatches(batches[seeds[0]], [batches[s] for s in seeds], where)
-
-
-class StackedBatches:
-    def __init__(self, first, loaders, where):
-        self.first, self.loaders, self.where = first, loaders, where
-
-    def __len__(self):
-        return len(self.first)
-
-    def __iter__(self):
-        for chunks in zip(*self.loaders):
-            xs = torch.stack([c[0] for c in chunks], 1)[:, self.where]
-            ys = torch.stack([c[1] for c in chunks], 1)[:, self.where]
-            yield xs, ys
-
-
-class StackedModule(L.LightningModule):
-    """The training loop of module.LanguageModel (its fast path), for a stack of members."""
-
-    def __init__(self, members: list[Member], stop=None, logs=None):
-        super().__init__()
-        self.members, self.logs = members, logs
-        self.net = StackedMLP([m.module.net for m in members])
-        self.first = members[0].cfg
-        self.log_every_n_steps, self.val_every_n_steps = self.first.log_every_n_steps, self.first.val_every_n_steps
-        self.automatic_optimization = False
-        self.stop = stop
-        self.lrs = None  # the members' lrs last given to the optimizer
-        self.frozen = None  # (mask over the flat buffer, values) of members that diverged
-        self.pending_best = []
-        self.losses = []  # each step's (members,) losses since the last train/loss write
-        self.loaded = None  # members' optimizer values and scheduler states of a resumed group
-
-    # --- optimizer: member 0's optimizer over the stack, with each member's own numbers as tensors
-    def configure_optimizers(self):
-        self.optimizer = optimizer = instantiate(self.first.optimizer)(self.net.parameters())
-        self.index = optimizer.member_index(len(self.members))
-        group = optimizer.param_groups[0]
-        # each member's own numbers (the optimizer's default where its config has none), as a single run has them
-        number = lambda key, v: tuple(float(b) for b in v) if key == "betas" else float(v)  # noqa: E731
-        self.member_values = [{key: number(key, m.cfg.optimizer.get(key, group[key]))
-                               for key in MEMBER_NUMBERS if key in group and key != "lr"} for m in self.members]
-        self.spread_values(self.member_values)
-        # the schedule of each member's lr, stepped as one: one parameter group per member
-        self.proxy = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": float(m.cfg.optimizer.lr)}
-                                      for m in self.members])
-        self.scheduler = instantiate(self.first.scheduler)(self.proxy) if self.first.scheduler else None
-        return optimizer
-
-    def spread(self, values):
-        """Equal values stay a number (the single run's arithmetic); others become a tensor over the flat buffer."""
-        values = [float(v) for v in values]
-        if len(set(values)) == 1:
-            return values[0]
-        return torch.tensor(values, dtype=self.optimizer_dtype(), device=self.device)[self.index]
-
-    def optimizer_dtype(self):
-        return next(self.net.parameters()).dtype
-
-    def member_lrs(self) -> list[float]:
-        return [g["lr"] for g in self.proxy.param_groups]
-
-    def set_lrs(self):
-        lrs = [0.0 if m.results else lr for m, lr in zip(self.members, self.member_lrs())]
-        if lrs != self.lrs:
-            self.lrs = lrs
-            self.optimizer.param_groups[0]["lr"] = self.spread(lrs)
-
-    # --- hooks
-    def on_fit_start(self):
-        for m in self.members:
-            for d in m.diagnostics:
-                d.writer, d.last_step = m.writer, self.trainer.max_steps - 1
-            if self.global_step == 0:
-                m.writer.charts(layout(m.diagnostics))
-                if m.diagnostics:
-                    m.writer.text("start here", START_HERE, 0)
-
-    def on_train_start(self):
-        if self.loaded is not None:
-            self.restore_members(*self.loaded)
-        self.set_lrs()
-        for m in self.members:
-            step, scalars = m.written
-            if step is not None and step == self.global_step:
-                m.writer.scalars(scalars, step)
-        if self.stop is not None:
-            self.stop.install()
-
-    def on_train_end(self):
-        if self.stop is not None:
-            self.stop.restore()
-
-    def watching(self, step: int) -> list:
-        """[(member index, its diagnostics watching this step)]; a cadence shared by members is asked once."""
-        asked, out = {}, []
-        for j, m in enumerate(self.members):
-            if m.results is not None:
-                continue
-            ds = []
-            for d in m.diagnostics:
-                key = (type(d), d.every_n_steps, d.last_step) if type(d).wants is Diagnostic.wants else id(d)
-                if key not in asked:
-                    asked[key] = d.wants(step)
-                if asked[key]:
-                    ds.append(d)
-            if ds:
-                out.append((j, ds))
-        return out
-
-    def training_step(self, batch, batch_idx):
-        xs, ys = batch
-        first = self.global_step
-        for i in range(len(xs)):
-            step = first + i
-            watching = self.watching(step)
-            recorder = Recorder(self.net, set().union(*(d.needs for _, ds in watching for d in ds))) if watching else None
-            losses = self.step_once(xs[i], ys[i], recorder)
-            if watching:
-                snapshot = recorder.snapshot(step, losses, 0.0)
-                lrs = self.member_lrs()
-                for j, ds in watching:
-                    mine = replace(snapshot.member(j), lr=lrs[j])
-                    with self.members[j].writer.batch():
-                        for d in ds:
-                            d.observe(mine)
-            self.losses.append(losses.detach())  # (members,) on the device: no host sync per step
-        count_optimizer_steps(self.trainer, len(xs))
-        self.write_train_loss()
-        if self.global_step % self.val_every_n_steps == 0:
-            self.validate()
-        if self.stop is not None and self.stop.requested():
-            self.trainer.should_stop = True
-        if all(m.results for m in self.members):
-            self.trainer.should_stop = True  # every member diverged
-
-    def step_once(self, x, y, recorder):
-        optimizer = self.optimizer
-        if recorder:
-            recorder.start()
-        logits = self.net(x)
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
-        optimizer.clear_grads()
-        losses.sum().backward()  # member m's gradient is that of its own mean loss
-        if recorder:
-            recorder.before_update()
-        optimizer.update()
-        if self.frozen is not None:  # a diverged member keeps the weights it had when it was found
-            mask, values = self.frozen
-            optimizer.flat_params.copy_(torch.where(mask, values, optimizer.flat_params))
-        if self.scheduler is not None:
-            self.scheduler.step()
-            self.set_lrs()
-        return losses
-
-    def write_train_loss(self):
-        """Each member's mean loss of every whole `log_every_n_steps` interval that has just ended."""
-        n, now = self.log_every_n_steps, self.global_step
-        first = now - len(self.losses)
-        ends = range((first // n + 1) * n, now + 1, n)
-        if not ends:
-            return
-        losses, lrs = torch.stack(self.losses), self.member_lrs()  # (steps, members)
-        for end in ends:
-            means = losses[max(end - n, first) - first : end - first].mean(0)
-            for j, m in enumerate(self.members):
-                if m.results is not None:
-                    continue
-                loss = self.write(m, {"train/loss": means[j], "lr": lrs[j]}, end)["train/loss"]
-                if not math.isfinite(loss) or loss > m.module.diverge_above:
-                    self.diverged(j, f"train/loss is {loss:.4g} at step {end}: the run diverged"
-                                  + ("" if not math.isfinite(loss) else f" (above {m.module.diverge_above:.4g})"))
-        self.losses = self.losses[ends[-1] - first :]
-
-    def write(self, m: Member, scalars: dict, step: int) -> dict:
-        written = m.writer.scalars(scalars, step)
-        previous = m.written[1] if m.written[0] == step else {}
-        m.written = (step, previous | written)
-        return written
-
-    def diverged(self, j: int, error: str):
-        """Record member j as diverged and freeze its weights: the other members train on."""
-        m = self.members[j]
-        with self.logs.only(j) if self.logs else contextlib.nullcontext():
-            log.error("%s", error)
-        m.results = {"status": "diverged", "error": error, "steps": self.global_step}
-        params = self.optimizer.flat_params
-        mask = self.index == j
-        if self.frozen is None:
-            self.frozen = (mask, params.detach().clone())
-        else:
-            self.frozen = (self.frozen[0] | mask, torch.where(mask, params, self.frozen[1]))
-        self.set_lrs()
-
-    @torch.no_grad()
-    def evaluate(self, x, y) -> torch.Tensor:
-        """Every member's mean loss over a whole split, in eval mode: (members,)."""
-        was_training = self.net.training
-        self.net.eval()
-        members = len(self.members)
-        chunk = max(64, EVAL_CHUNK // members)  # examples per forward: the members' activations together stay bounded
-        total = 0
-        for xc, yc in zip(x.split(chunk), y.split(chunk)):
-            xc, yc = xc.to(self.device).long(), yc.to(self.device).long()
-            logits = self.net(xc.expand(members, *xc.shape))
-            total = total + F.cross_entropy(logits.flatten(0, 1), yc.repeat(members), reduction="none").view(
-                members, -1).sum(1)
-        self.net.train(was_training)
-        return total / len(y)
-
-    def validate(self):
-        losses = self.evaluate(*self.trainer.datamodule.splits["val"])
-        for j, m in enumerate(self.members):
-            if m.results is not None:
-                continue
-            loss = self.write(m, {"val/loss": losses[j]}, self.global_step)["val/loss"]
-            best = m.best.best_model_score
-            if best is None or loss < float(best):
-                self.pending_best.append((j, loss))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        for j, loss in self.pending_best:  # best.ckpt where the single run's ModelCheckpoint would write it
-            best = self.members[j].best
-            path = str(self.members[j].run.path / "checkpoints" / "best.ckpt")
-            score = torch.tensor(loss)
-            best.best_model_score = best.current_score = best.kth_value = score
-            best.best_model_path = best.kth_best_model_path = path
-            best.best_k_models = {path: score}
-            self.trainer.save_checkpoint("best.ckpt", weights_only=False, storage_options={"members": [j]})
-        self.pending_best = []
-
-    # --- checkpoints: one per member, in a single run's format
-    def member_checkpoint(self, checkpoint: dict, j: int) -> dict:
-        m = self.members[j]
-        opt = checkpoint["optimizer_states"][0]
-        group = dict(opt["param_groups"][0])
-        group.update(self.member_values[j])
-        lrs = self.member_lrs()
-        group["lr"] = lrs[j]
-        if self.scheduler is not None:
-            group["initial_lr"] = self.proxy.param_groups[j]["initial_lr"]
-        state = {p: {k: (v[j].clone() if v.ndim else v.clone()) for k, v in s.items()} for p, s in opt["state"].items()}
-        member = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states", "lr_schedulers",
-                                                                  "callbacks", "hyper_parameters", "hparams_name")}
-        member["state_dict"] = {f"net.{k}": v for k, v in member_state(
-            {k[len("net."):]: v for k, v in checkpoint["state_dict"].items()}, j).items()}
-        member["optimizer_states"] = [{"state": state, "param_groups": [group]}]
-        member["lr_schedulers"] = [self.member_scheduler_state(j)] if self.scheduler is not None else []
-        member["callbacks"] = {cb.state_key: cb.state_dict() for cb in m.callbacks + [m.best] if cb.state_dict()}
-        member["hparams_name"], member["hyper_parameters"] = "config", dict(m.module.hparams)
-        m.module._losses, m.module.written = [l[j] for l in self.losses], m.written
-        m.module.on_save_checkpoint(member)
-        return member
-
-    def member_scheduler_state(self, j: int) -> dict:
-        state = self.scheduler.state_dict()
-        return {k: ([v[j]] if isinstance(v, list) and len(v) == len(self.members) else v) for k, v in state.items()}
-
-    def restore_members(self, optimizer_values, scheduler_states):
-        """On a resume, after Lightning restored the stacked optimizer: each member's own values again."""
-        if self.scheduler is not None:
-            state = dict(scheduler_states[0])
-            for k, v in state.items():
-                if isinstance(v, list) and len(v) == 1:
-                    state[k] = [s[k][0] for s in scheduler_states]
-            self.scheduler.load_state_dict(state)
-            for g, lr in zip(self.proxy.param_groups, state.get("_last_lr", self.member_lrs())):
-                g["lr"] = lr
-        self.lrs = None
-        self.spread_values([{key: v[key] for key in values} for v, values in zip(optimizer_values, self.member_values)])
-
-    def spread_values(self, member_values: list[dict]):
-        """Each member's optimizer numbers into the stacked optimizer's group, as numbers or tensors."""
-        group = self.optimizer.param_groups[0]
-        for key in member_values[0]:
-            values = [v[key] for v in member_values]
-            group[key] = (tuple(self.spread([v[i] for v in values]) for i in range(2)) if key == "betas"
-                          else self.spread(values))
-
-    def merged_checkpoint(self) -> dict:
-        """The members' last checkpoints as one checkpoint of the stack (a resumed group)."""
-        loaded = [load(m.start.ckpt_path) for m in self.members]
-        merged = {k: v for k, v in loaded[0].items() if k not in ("state_dict", "optimizer_states", "lr_schedulers",
-                                                                  "callbacks", "actgrad")}
-        merged["state_dict"] = {f"net.{k}": v for k, v in stack_states(
-            [{k[len("net."):]: v for k, v in c["state_dict"].items()} for c in loaded]).items()}
-        states = [c["optimizer_states"][0] for c in loaded]
-        merged["optimizer_states"] = [{
-            "state": {p: {k: (torch.stack([s["state"][p][k] for s in states]) if v.ndim else v) for k, v in st.items()}
-                      for p, st in states[0]["state"].items()},
-            "param_groups": states[0]["param_groups"]}]
-        merged["lr_schedulers"], merged["callbacks"] = [], {}
-        for m, c in zip(self.members, loaded):
-            for cb in m.callbacks + [m.best]:
-                if cb.state_key in c.get("callbacks", {}):
-                    cb.load_state_dict(c["callbacks"][cb.state_key])
-            state = c.get("actgrad", {})
-            m.written = (state.get("written_step", -1), state.get("written", {}))
-        pending = [c.get("actgrad", {}).get("pending_losses", []) for c in loaded]
-        self.losses = [torch.tensor(step) for step in zip(*pending)]  # the members resume from one step
-        self.loaded = ([s["param_groups"][0] for s in states], [c["lr_schedulers"][0] for c in loaded if c["lr_schedulers"]])
-        return merged
-
-
-class StackedCheckpointIO(AtomicCheckpointIO):
-    """Writes the stack's checkpoint as one checkpoint per member, into each member's run dir."""
-
-    def __init__(self, module: StackedModule):
-        super().__init__()
-        self.module = module
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        members = (storage_options or {}).get("members")
-        for j, m in enumerate(self.module.members):
-            if (members is None and m.results is None) or (members is not None and j in members):
-                super().save_checkpoint(self.module.member_checkpoint(checkpoint, j),
-                                        m.run.path / "checkpoints" / Path(path).name)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return self.module.merged_checkpoint()
-
-    def remove_checkpoint(self, path):
-        pass
-
-
-class MemberHooks(L.Callback):
-    """Each member's callbacks' start and end hooks, with the member's own view and weights."""
-
-    def __init__(self, module: StackedModule):
-        self.module = module
-
-    def call(self, hook, trainer, *args):
-        state = self.module.net.state_dict()
-        for j, m in enumerate(self.module.members):
-            if m.results is not None and hook != "on_exception":
-                continue
-            m.module.net.load_state_dict(member_state(state, j))
-            m.module.to(self.module.device)
-            with self.module.logs.only(j) if self.module.logs else contextlib.nullcontext():
-                for cb in m.callbacks:
-                    getattr(cb, hook)(MemberTrainer(trainer, m), m.module, *args)
-
-    def setup(self, trainer, pl_module, stage):
-        self.call("setup", trainer, stage)
-
-    def on_train_start(self, trainer, pl_module):
-        self.call("on_train_start", trainer)
-
-    def on_train_end(self, trainer, pl_module):
-        self.call("on_train_end", trainer)
-
-    def on_exception(self, trainer, pl_module, exception):
-        self.call("on_exception", trainer, exception)
-
-
 def train_group(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
     """Train runs that share one shape as one stacked model; each member's results, in order."""
     results, members, data_cache = [None] * len(cfgs), [], {}
@@ -634,7 +169,8 @@ def memory_needed(members: list[Member]) -> int:
     optimizer states) and one step's activations, training and evaluating (module.EVAL_CHUNK examples)."""
     net, cfg = members[0].module.net, members[0].cfg
     params = sum(p.numel() for p in net.parameters())
-    widths = cfg.data.block_size * cfg.model.n_embd + 4 * cfg.model.n_hidden * cfg.model.n_layers + 3 * len(members[0].data.vocab)
+    vocab, layers = len(members[0].data.vocab), cfg.model.n_layers
+    widths = cfg.data.block_size * cfg.model.n_embd + 4 * cfg.model.n_hidden * layers + 3 * vocab  # floats per example
     per_member = 4 * (4 * params + (cfg.data.batch_size + EVAL_CHUNK // len(members)) * widths * 2)
     return per_member * len(members)
 
