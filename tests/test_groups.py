@@ -249,3 +249,14 @@ def test_a_sweeps_end_names_tensorboard_and_the_report(small_names, tmp_path):
     said = proc.stdout + proc.stderr
     assert f"sweep {sweep}: 2 completed, 0 already completed, 0 diverged, 0 failed" in said
     assert f"look at it: tensorboard --logdir {sweep}; its loss table: python scripts/report.py {sweep}" in said
+
+
+def test_a_device_this_machine_lacks_is_one_line_and_leaves_nothing(small_names, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError) as err:
+        train(make_config(*TINY, f"data.path={small_names}", "trainer=gpu"), tmp_path / "run")
+    assert str(err.value) == "trainer (accelerator=gpu, devices=1): No supported gpu backend found!"
+    assert not (tmp_path / "run").exists()

@@ -21,9 +21,11 @@ import lightning as L
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torch.utils.tensorboard.writer import FileWriter
@@ -75,8 +77,8 @@ def build(cfg: DictConfig):
     return data, module
 
 
-def prepare(cfg: DictConfig, run: RunDir):
-    """Everything that can refuse the attempt, before anything is written: (data, module, start, loggers)."""
+def prepare(cfg: DictConfig, run: RunDir, extra_callbacks=()):
+    """Everything that can refuse the attempt, before anything is written: (data, module, start, trainer)."""
     check_config(cfg)
     data, module = build(cfg)
     defining = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NOT_RUN_DEFINING])
@@ -86,7 +88,28 @@ def prepare(cfg: DictConfig, run: RunDir):
     if start.init_weights is not None:
         check_shapes(start.init_weights, module, cfg.init_from)
         module.load_state_dict(start.init_weights)
-    return data, module, start, build_loggers(cfg, run, start)
+    return data, module, start, build_trainer(cfg, run, build_loggers(cfg, run, start), extra_callbacks)
+
+
+def build_trainer(cfg: DictConfig, run: RunDir, loggers: list, extra_callbacks=()) -> L.Trainer:
+    """Lightning's Trainer with the diagnostics, the checkpoints and the loggers; nothing is written yet.
+    Settings Lightning rejects (trainer=gpu without a GPU) are refused in one line."""
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    callbacks += [instantiate(c, dirpath=str(run.path / "checkpoints")) for c in cfg.checkpoints.values()]
+    if cfg.trainer.enable_progress_bar and cfg.get("progress_bar"):
+        callbacks.append(instantiate(cfg.progress_bar))
+    callbacks.extend(extra_callbacks)
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # preemption is ours to handle (stop.py): Lightning's requeue would save
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # mid-chunk into the working dir
+    try:
+        return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                           plugins=[*instantiate(cfg.trainer.get("plugins") or []), *plugins])
+    except InstantiationException as e:
+        if isinstance(e.__cause__, MisconfigurationException):
+            device = f"accelerator={cfg.trainer.get('accelerator')}, devices={cfg.trainer.get('devices')}"
+            raise ConfigError(f"trainer ({device}): {first_line(e.__cause__)}") from None
+        raise
 
 
 def build_loggers(cfg: DictConfig, run: RunDir, start) -> list:
@@ -129,7 +152,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), record_refus
     except Busy as e:
         raise ConfigError(str(e)) from None  # the dir is another attempt's: touch nothing
     try:
-        data, module, start, loggers = prepare(cfg, run)
+        data, module, start, trainer = prepare(cfg, run, extra_callbacks)
     except AlreadyCompleted as done:
         run.unlock()
         run.log_attempt({"outcome": "already completed"})
@@ -144,7 +167,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), record_refus
         refuse(run, message, record_refusal)
         raise ConfigError(message) from e
     try:
-        results = fit(cfg, run, data, module, start, loggers, extra_callbacks)
+        results = fit(cfg, run, data, module, start, trainer)
     finally:
         run.unlock()
     if not cfg.get("keep_run", True) and results["status"] == "completed":  # debug=fdr: every code path ran
@@ -154,7 +177,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), record_refus
         run.discard()  # then its files, and the dirs it made: nothing of anyone else's
         log.info("run completed at step %s; removed what it wrote (keep_run=false)", results["steps"])
     else:
-        log.info("%s", end_line(run.path, results, loggers))
+        log.info("%s", end_line(run.path, results, trainer.loggers))
     return results
 
 
@@ -186,7 +209,7 @@ def sweep_stop_file() -> str | None:
     return None
 
 
-def fit(cfg, run: RunDir, data, module, start, loggers, extra_callbacks) -> dict:
+def fit(cfg, run: RunDir, data, module, start, trainer) -> dict:
     if not (run.path / "run.yaml").is_file():
         run.write_yaml("run.yaml", module.record)
     save_hydra_record(cfg, run.path)
@@ -194,16 +217,6 @@ def fit(cfg, run: RunDir, data, module, start, loggers, extra_callbacks) -> dict
         torn.unlink()
     run.write_status({"status": "training", "pid": os.getpid(), "from_step": start.step})
 
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-    callbacks += [instantiate(c, dirpath=str(run.path / "checkpoints")) for c in cfg.checkpoints.values()]
-    if cfg.trainer.enable_progress_bar and cfg.get("progress_bar"):
-        callbacks.append(instantiate(cfg.progress_bar))
-    callbacks.extend(extra_callbacks)
-    plugins = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():  # preemption is ours to handle (stop.py): Lightning's requeue would save
-        plugins.append(SLURMEnvironment(auto_requeue=False))  # mid-chunk into the working dir
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                          plugins=[*instantiate(cfg.trainer.get("plugins") or []), *plugins])
     origin = provenance(trainer.strategy.root_device)
     run.write_yaml("provenance.yaml", origin)  # this attempt's; every attempt's commit is in attempts.jsonl
     run.log_attempt({"outcome": "started", "from_step": start.step, "commit": origin["git"]["commit"],
