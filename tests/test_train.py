@@ -81,7 +81,7 @@ def run_cli(*args, cwd=ROOT, timeout=300):
 
 
 @pytest.mark.slow
-def test_mission_multirun_leaves_six_named_runs(small_names, tmp_path):
+def test_lecture_multirun_leaves_six_named_runs(small_names, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "init=naive,scaled,kaiming", "norm=none,batchnorm", *TINY, f"data.path={small_names}",
                    f"hydra.sweep.dir={sweep}")
