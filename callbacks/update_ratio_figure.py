@@ -7,6 +7,7 @@ kept on the device) and drawn once, when training ends or stops on an error.
 import torch
 
 from actgrad.diagnostic import Diagnostic
+from callbacks.figures import with_margins
 from callbacks.update_ratio import GUIDE, update_ratios
 
 
@@ -43,7 +44,7 @@ class UpdateRatioFigure(Diagnostic):
         from matplotlib.figure import Figure
 
         ratios = torch.stack(self.history).cpu()  # the whole history in one transfer
-        figure = Figure(figsize=(14, 4.5), dpi=80, layout="constrained")  # >= 1,000 px wide in TensorBoard
+        figure = Figure(figsize=(14, 4.5), dpi=80)  # >= 1,000 px wide in TensorBoard
         ax = figure.add_subplot()
         for i, name in enumerate(self.names):
             ax.plot(self.steps, ratios[:, i].numpy(), label=name)
@@ -51,4 +52,4 @@ class UpdateRatioFigure(Diagnostic):
         ax.set_title("update-to-data ratio: log10(std(update) / std(param)); about -3 is healthy", fontsize=12)
         ax.set(xlabel="step", ylabel="log10 ratio")
         ax.legend(fontsize=10, loc="upper right")
-        self.writer.figure("figures/update_ratio", figure, step)
+        self.writer.figure("figures/update_ratio", with_margins(figure), step)

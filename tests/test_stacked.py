@@ -89,6 +89,7 @@ def test_what_may_differ_inside_a_group(composer):
     # trains alone: a plain Lightning callback would see the whole stack; torch.optim has no flat buffer
     assert key("+callbacks.timer._target_=lightning.pytorch.callbacks.Timer") is None
     assert key("optimizer._target_=torch.optim.SGD") is None
+    assert key("+trainer.precision=bf16-mixed") is None
 
 
 def loss_curves(run_dir):

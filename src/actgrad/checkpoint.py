@@ -25,6 +25,7 @@ from actgrad.checks import ConfigError
 # Settings that change how a run is watched, written or computed, not what it computes.
 NOT_RUN_DEFINING = {
     "callbacks", "checkpoints", "ckpt_path", "threads", "jobs_per_gpu", "steps_per_batch", "log_every_n_steps",
+    "logger", "keep_run",  # where it is written (a run resumes under another logger), whether it is kept
     "val_every_n_steps", "checkpoint_every_n_steps", "lean_optimizer", "compile", "objective", "search", "progress_bar",
     "data.path", "data.cache_dir", "data.url",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.accelerator", "trainer.devices",

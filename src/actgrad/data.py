@@ -630,6 +630,9 @@ class RandomBatches:
             yield self.x[ix].long(), self.y[ix].long()
 
 
+PREPARED = {}  # prepared_key -> (words, splits) of the last data set this process prepared
+
+
 class NamesData(L.LightningDataModule):
     def __init__(self, path=None, cache_dir="~/.cache/actgrad", block_size=3, batch_size=32, split_seed=42,
                  url=NAMES_URL):
@@ -645,11 +648,22 @@ class NamesData(L.LightningDataModule):
         self.words = None
 
     def prepare(self) -> None:
-        """Load the words and build all three splits once; idempotent."""
+        """Load the words and build all three splits once; idempotent. Data modules of one process
+        with the same settings and file share them (the members of a stacked sweep: read-only)."""
         if self.words is not None:
             return
-        self.words = load_words(self.path, self.cache_dir, self.url, self.block_size)
-        self.splits = prepare_splits(self.words.text, self.split_seed, self.block_size, self.words.vocab)
+        key = self.prepared_key()
+        if key not in PREPARED:
+            words = load_words(self.path, self.cache_dir, self.url, self.block_size)
+            PREPARED.clear()  # one data set at a time: a process trains one group
+            PREPARED[key] = words, prepare_splits(words.text, self.split_seed, self.block_size, words.vocab)
+        self.words, self.splits = PREPARED[key]
+
+    def prepared_key(self) -> tuple:
+        path = Path(self.path).expanduser() if self.path else Path(self.cache_dir).expanduser() / "names.txt"
+        stat = path.stat() if path.is_file() else None  # a file changed since is read again
+        return (str(path.absolute()), stat and (stat.st_size, stat.st_mtime_ns), self.url, self.block_size,
+                self.split_seed)
 
     @property
     def vocab(self) -> str:

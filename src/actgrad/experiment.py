@@ -49,9 +49,6 @@ warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved
 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # a resumed run's checkpoints dir
 
 DIVERGED_AT = 1e4  # x ln(V): a finite loss this far above the uniform baseline counts as diverged
-# Settings that change where a run is written, not what it computes, besides checkpoint.NOT_RUN_DEFINING:
-# left out of the config hash, so a run resumes under another logger and old runs keep their hash.
-NOT_RUN_DEFINING = ("logger", "keep_run")
 
 
 def build(cfg: DictConfig):
@@ -81,14 +78,18 @@ def prepare(cfg: DictConfig, run: RunDir, extra_callbacks=()):
     """Everything that can refuse the attempt, before anything is written: (data, module, start, trainer)."""
     check_config(cfg)
     data, module = build(cfg)
-    defining = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NOT_RUN_DEFINING])
-    record = run_config(defining, data.describe()["sha256"])
-    module.record = {"config_hash": config_hash(record), "run_config": record}
+    module.record = run_record(cfg, data)
     start = plan_start(run.path, cfg, module.record, run.status(), run.read_yaml("run.yaml"))
     if start.init_weights is not None:
         check_shapes(start.init_weights, module, cfg.init_from)
         module.load_state_dict(start.init_weights)
     return data, module, start, build_trainer(cfg, run, build_loggers(cfg, run, start), extra_callbacks)
+
+
+def run_record(cfg: DictConfig, data) -> dict:
+    """What defines the run (its config, the data's sha256 for its path) and its hash: in run.yaml and checkpoints."""
+    record = run_config(cfg, data.describe()["sha256"])
+    return {"config_hash": config_hash(record), "run_config": record}
 
 
 def build_trainer(cfg: DictConfig, run: RunDir, loggers: list, extra_callbacks=()) -> L.Trainer:
@@ -209,18 +210,23 @@ def sweep_stop_file() -> str | None:
     return None
 
 
-def fit(cfg, run: RunDir, data, module, start, trainer) -> dict:
+def begin(cfg, run: RunDir, module, start, device, **extra) -> dict:
+    """An accepted attempt's first writes: run.yaml, .hydra/, status `training`, provenance; its provenance."""
     if not (run.path / "run.yaml").is_file():
         run.write_yaml("run.yaml", module.record)
     save_hydra_record(cfg, run.path)
     for torn in run.path.glob("checkpoints/.*.ckpt.*.partial"):  # AtomicCheckpointIO's, of an attempt killed mid-write
         torn.unlink()
-    run.write_status({"status": "training", "pid": os.getpid(), "from_step": start.step})
-
-    origin = provenance(trainer.strategy.root_device)
+    run.write_status({"status": "training", "pid": os.getpid(), "from_step": start.step, **extra})
+    origin = provenance(device)
     run.write_yaml("provenance.yaml", origin)  # this attempt's; every attempt's commit is in attempts.jsonl
     run.log_attempt({"outcome": "started", "from_step": start.step, "commit": origin["git"]["commit"],
-                     "dirty": origin["git"]["dirty"]})
+                     "dirty": origin["git"]["dirty"], **extra})
+    return origin
+
+
+def fit(cfg, run: RunDir, data, module, start, trainer) -> dict:
+    origin = begin(cfg, run, module, start, trainer.strategy.root_device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data.steps_per_batch, data.max_steps, data.seed = cfg.steps_per_batch, cfg.trainer.max_steps, cfg.seed

@@ -13,8 +13,6 @@ See `group_key`.
 
 import copy
 import logging
-import math
-import os
 import signal
 from pathlib import Path
 
@@ -26,11 +24,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from actgrad import experiment
-from actgrad.checkpoint import AlreadyCompleted, config_hash, plan_start, run_config
+from actgrad.checkpoint import AlreadyCompleted, plan_start
 from actgrad.checks import check_config, explain
 from actgrad.data import available_memory
 from actgrad.diagnostic import Diagnostic
-from actgrad.module import LanguageModel
 from actgrad.rundir import Busy, RunDir, note_before_hydra
 from actgrad.stacked import (
     EVAL_CHUNK,
@@ -58,6 +55,8 @@ def group_key(cfg: DictConfig) -> str | None:
     """Runs with equal keys can train as one stacked model; None: this run trains alone."""
     if cfg.get("ckpt_path") or cfg.get("init_from") or cfg.get("compile") or not cfg.get("optimizer"):
         return None
+    if str(cfg.trainer.get("precision", "32-true")) not in ("32-true", "32", "64-true", "64"):
+        return None  # a precision plugin scales the loss: the single run takes Lightning's path, so must this
     if not str(cfg.optimizer.get("_target_", "")).startswith("actgrad.optim."):
         return None  # the stacked update needs actgrad.optim's flat buffers
     if not all(member_callback(c) for c in (cfg.callbacks or {}).values()):
@@ -96,7 +95,7 @@ def task_config(full: DictConfig) -> DictConfig:
     return cfg
 
 
-def prepare_member(full: DictConfig, run_dir: Path, data_cache: dict) -> Member | dict:
+def prepare_member(full: DictConfig, run_dir: Path) -> Member | dict:
     """A member ready to stack, or the results of a run that will not train in this group."""
     hydra_of(full)
     cfg = task_config(full)
@@ -110,23 +109,14 @@ def prepare_member(full: DictConfig, run_dir: Path, data_cache: dict) -> Member 
         return {"status": "failed", "error": str(e)}
     try:
         check_config(cfg)
-        L.seed_everything(cfg.seed, verbose=False)
-        key = OmegaConf.to_yaml(cfg.data)
-        if key not in data_cache:  # one copy of the data per group: the members read the same file
-            data_cache[key] = instantiate(cfg.data)
-            data_cache[key].prepare()
-        data = data_cache[key]
-        norm = instantiate(cfg.norm) if cfg.norm else None
-        net = instantiate(cfg.model, vocab_size=data.vocab_size, block_size=data.block_size, norm=norm)
-        instantiate(cfg.init)(net)
-        instantiate(cfg.optimizer)(net.parameters())  # its settings checked now, one line if bad
-        module = LanguageModel(net, optimizer=None, log_every_n_steps=cfg.log_every_n_steps,
-                               val_every_n_steps=cfg.val_every_n_steps, config=OmegaConf.to_container(cfg, resolve=True),
-                               diverge_above=experiment.DIVERGED_AT * math.log(data.vocab_size), vocab=data.vocab)
-        defining = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in getattr(experiment, "NOT_RUN_DEFINING", ())])
-        record = run_config(defining, data.describe()["sha256"])
-        module.record = {"config_hash": config_hash(record), "run_config": record}
+        data, module = experiment.build(cfg)  # as a single run builds it: same seed, same init
+        module.configure_optimizers()  # its settings checked now, one line if bad
+        module.record = experiment.run_record(cfg, data)
         start = plan_start(run.path, cfg, module.record, run.status(), run.read_yaml("run.yaml"))
+        member = Member(cfg, full, run, module, start, data=data,
+                        callbacks=[instantiate(c) for c in (cfg.callbacks or {}).values()],
+                        best=instantiate(cfg.checkpoints.best, dirpath=str(run.path / "checkpoints")),
+                        loggers=experiment.build_loggers(cfg, run, start))
     except AlreadyCompleted as done:
         run.unlock()
         run.log_attempt({"outcome": "already completed"})
@@ -137,17 +127,17 @@ def prepare_member(full: DictConfig, run_dir: Path, data_cache: dict) -> Member 
             run.unlock()
             raise
         return refused(Member(cfg, full, run, None, None), message)  # leaves only why, for the sweep's summary
-    if not stackable(net):
+    if not stackable(module.net):
         run.unlock()
-        return {"status": "failed", "error": f"model {type(net).__name__} cannot be stacked"}
-    return Member(cfg, full, run, module, start, data=data)
+        return {"status": "failed", "error": f"model {type(module.net).__name__} cannot be stacked"}
+    return member
 
 
 def train_group(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
     """Train runs that share one shape as one stacked model; each member's results, in order."""
-    results, members, data_cache = [None] * len(cfgs), [], {}
+    results, members = [None] * len(cfgs), []
     for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
-        prepared = prepare_member(cfg, run_dir, data_cache)
+        prepared = prepare_member(cfg, run_dir)
         if isinstance(prepared, dict):
             results[i] = prepared
         else:
@@ -208,21 +198,15 @@ def fit_group(members: list[Member]) -> list[dict]:
 def fit_logged(members: list[Member], logs: MemberLogs) -> list[dict]:
     first = members[0].cfg
     for m in members:
-        hydra_of(m.full)
-        if not (m.run.path / "run.yaml").is_file():
-            m.run.write_yaml("run.yaml", m.module.record)
-        experiment.save_hydra_record(m.cfg, m.run.path)
-        m.run.write_status({"status": "training", "pid": os.getpid(), "from_step": m.start.step, "stacked": len(members)})
-        m.run.log_attempt({"outcome": "started", "from_step": m.start.step, "stacked": len(members)})
-        m.callbacks = [instantiate(c) for c in (m.cfg.callbacks or {}).values()]
-        m.best = instantiate(m.cfg.checkpoints.best, dirpath=str(m.run.path / "checkpoints"))
-        m.logger = TensorBoardLogger(save_dir=str(m.run.path), name="", version="", default_hp_metric=False,
-                                     purge_step=m.start.step if m.run.has_events() else None)
-        m.writer = Writer([m.logger])
+        m.writer = Writer(m.loggers)
     module = StackedModule(members, stop=StopRequest(experiment.sweep_stop_file()), logs=logs)
     callbacks = [MemberHooks(module), instantiate(first.checkpoints.last, dirpath=str(members[0].run.path / "checkpoints"))]
     trainer = instantiate(first.trainer, logger=False, callbacks=callbacks, plugins=[StackedCheckpointIO(module)],
                           enable_progress_bar=False)
+    for m in members:
+        hydra_of(m.full)
+        origin = experiment.begin(m.cfg, m.run, m.module, m.start, trainer.strategy.root_device, stacked=len(members))
+        m.writer.text("provenance", experiment.markdown_table(origin), m.start.step)
     if first.threads:
         torch.set_num_threads(first.threads)
     cadences = tuple(sorted({first.log_every_n_steps, first.val_every_n_steps}
@@ -261,9 +245,11 @@ def end_member(m: Member, trainer, module, status: dict) -> dict:
                    "signal": signal.Signals(module.stop.signum).name}
     if results["status"] == "completed":
         experiment.finish(m.cfg, view, m.module, m.data, results)
-    experiment.write_end(view, m.logger, m.cfg, results)
+    board = next((lg for lg in m.loggers if isinstance(lg, TensorBoardLogger)), None)
+    experiment.write_end(view, board, m.cfg, results, latest=m.writer.latest)
     m.run.write_status(results)
     m.run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
                        "stacked": len(module.members)})
     m.run.unlock()
+    log.info("%s", experiment.end_line(m.run.path, results, m.loggers))
     return results

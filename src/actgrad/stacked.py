@@ -20,7 +20,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from actgrad.checkpoint import AtomicCheckpointIO, load
@@ -49,7 +48,7 @@ class Member:
     module: LanguageModel  # its own MLP: built and initialised as a single run would, then stacked
     start: object
     data: object = None
-    logger: TensorBoardLogger = None
+    loggers: list = field(default_factory=list)  # as conf/logger/ makes them for a single run
     writer: Writer = None
     callbacks: list = field(default_factory=list)
     best: object = None  # its ModelCheckpoint (state only: the group saves best.ckpt itself)
@@ -81,11 +80,11 @@ class MemberTrainer:
 
     @property
     def loggers(self):
-        return [self.member.logger]
+        return self.member.loggers
 
     @property
     def logger(self):
-        return self.member.logger
+        return self.member.loggers[0] if self.member.loggers else None
 
     @property
     def callbacks(self):
