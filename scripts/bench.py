@@ -1,6 +1,6 @@
 """Training throughput of actgrad against a hand-written PyTorch loop of the same model.
 
-    python scripts/bench.py                  # 20,000 steps a run, 3 rounds
+    python scripts/bench.py --data names.txt   # 20,000 steps a run, 3 rounds
     python scripts/bench.py --steps 5000 --rounds 5
     python scripts/bench.py --variants "actgrad default"   # the hand-written eager loop and this one
 
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES_TXT = ROOT.parent / "shared" / "data" / "names.txt"
+DATA = None  # --data: the names file every variant trains on (default: the config's data)
 
 VARIANTS = {
     "hand-written eager": ("reference", []),
@@ -48,7 +48,7 @@ FEWER_STEPS = {"actgrad callbacks=full": 5}  # variant: run steps // this (enoug
 
 
 def data_path():
-    return str(NAMES_TXT) if NAMES_TXT.is_file() else None
+    return DATA
 
 
 def peak_rss_mb():
@@ -155,7 +155,8 @@ def measure_one(kind, args, steps, device):
 
 def run_child(name, steps, device):
     steps = max(100, steps // FEWER_STEPS.get(name, 1))
-    out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(steps), "--device", device],
+    data = ["--data", DATA] if DATA else []
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(steps), "--device", device, *data],
                          capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -164,12 +165,15 @@ def run_child(name, steps, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="names file (data.path) of every variant; default: the config's data")
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DATA
+    DATA = str(Path(args.data).absolute()) if args.data else None
     if args.device is None:
         import torch
 
@@ -187,7 +191,7 @@ def main():
 
     ref = results["hand-written eager"]
     print(f"\n{args.steps} steps a run, median of {args.rounds} rounds, device {args.device}, data "
-          f"{'names.txt' if data_path() else 'census fallback'}\n")
+          f"{data_path() or 'the config default'}\n")
     print("| variant | steps/s | ratio vs hand-written eager | peak RSS (MB) | RSS ratio |")
     print("|---|---|---|---|---|")
     for name in names:

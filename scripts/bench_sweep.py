@@ -25,15 +25,18 @@ SWEEPS = {
     "grid": ["init=naive,scaled,kaiming,xavier", "optimizer.lr=0.02,0.05,0.1,0.2,0.3,0.5"],
 }
 # Runs train.py as its only child and prints the largest peak RSS among it and its descendants.
-MEASURE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+MEASURE = ("import resource, subprocess, sys; out = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+           "sys.stderr.write(out.stderr); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+           "sys.exit(out.returncode)")
 
 
 def timed(args: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in MB) of `python train.py *args`."""
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, str(ROOT / "train.py"), *args],
-                         cwd=ROOT, check=True, capture_output=True, text=True)
+                         cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"train.py {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return time.perf_counter() - start, int(out.stdout.split()[-1]) / 1024
 
 

@@ -52,8 +52,11 @@ def summarise(run_dir: Path, sweep_dir: Path) -> tuple[dict, dict]:
 
 
 def fmt(value):
+    """2.0712 as a loss reads; 3.8e+31 (a diverged run's loss) rather than 32 digits; nan as -."""
     if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.4f}"
+        if math.isnan(value):
+            return "-"
+        return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.4g}"
     return str(value)
 
 

@@ -32,7 +32,7 @@ from test_train import run_cli, scalars
         ("+trainer.default_root_dir=x", "use hydra.run.dir=<dir>"),
         ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: not supported; actgrad steps the optimizer"),
         ("+trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4: not supported"),
-        ("+trainer.overfit_batches=1", "trainer.overfit_batches=1: not supported; every step draws a batch of its own"),
+        ("+trainer.overfit_batches=1", "trainer.overfit_batches=1: actgrad sets it; use debug=overfit"),
     ],
 )
 def test_a_trainer_setting_actgrad_decides_is_refused_naming_the_key_to_use(override, says, tmp_path):
@@ -260,3 +260,18 @@ def test_a_device_this_machine_lacks_is_one_line_and_leaves_nothing(small_names,
         train(make_config(*TINY, f"data.path={small_names}", "trainer=gpu"), tmp_path / "run")
     assert str(err.value) == "trainer (accelerator=gpu, devices=1): No supported gpu backend found!"
     assert not (tmp_path / "run").exists()
+
+
+def test_debug_overfit_drives_the_train_loss_far_below_the_val_loss(small_names, tmp_path):
+    """96 examples seen over and over: a model that can learn memorises them (independent check: the
+    logged train/loss against the val loss of examples it never saw, and the loss of those 96)."""
+    from actgrad import events
+
+    cfg = make_config("debug=overfit", f"data.path={small_names}", "trainer.max_steps=1500", "callbacks=none",
+                      "trainer.enable_progress_bar=false", "scheduler=constant")
+    results = train(cfg, tmp_path / "run")
+    train_loss = events.scalars(tmp_path / "run")["train/loss"][-1][1]
+    assert train_loss < 0.5 * results["final/val_loss"], (train_loss, results)
+    first = make_config(f"data.path={small_names}", "callbacks=none", "trainer.max_steps=1500", "scheduler=constant",
+                        "trainer.enable_progress_bar=false")
+    assert events.scalars(tmp_path / "run")["train/loss"][-1][1] < train(first, tmp_path / "all")["final/train_loss"]

@@ -14,7 +14,7 @@ from conftest import ROOT, TINY
 
 from actgrad import events, init
 from actgrad.checkpoint import load
-from actgrad.group import group_key
+from actgrad.grouping import group_key
 from actgrad.model import MLP
 from actgrad.stacked_mlp import StackedMLP, member_state, stack_states
 from actgrad.sweep import read_statuses
@@ -273,3 +273,24 @@ def test_per_member_hyperparameters_match_single_runs(common, members, composer,
         single = train(cfg, tmp_path / f"single{i}")
         assert stacked[i]["final/val_loss"] == pytest.approx(single["final/val_loss"], rel=1e-5)
         assert_same_run(tmp_path / f"stacked{i}", tmp_path / f"single{i}")
+
+
+def test_a_stack_size_below_one_is_refused_in_one_line(tmp_path):
+    proc = run_cli("-m", "hydra/launcher=stacked", "hydra.launcher.stack_size=0", f"hydra.sweep.dir={tmp_path / 's'}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: hydra.launcher.stack_size=0: must be a whole number >= 1 "
+                                   "(runs in one stacked model)")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_a_run_whose_callback_cannot_serve_a_member_trains_alone(small_names, tmp_path):
+    """A callback of actgrad's with a Lightning hook on every batch: grouped by its config, then found
+    unable to serve a member's view when built: each run trains as Hydra runs any job."""
+    extra = ["+callbacks.extra._target_=actgrad.checkpoint.LastCheckpoint", f"+callbacks.extra.dirpath={tmp_path / 'x'}"]
+    proc = run_cli("-m", *ONE_GROUP, *TINY, f"data.path={small_names}", "optimizer.lr=0.1,0.05", *extra,
+                   f"hydra.sweep.dir={tmp_path / 's'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "as 1 groups" in proc.stdout + proc.stderr and "runs stacked" not in proc.stdout + proc.stderr
+    statuses = read_statuses(tmp_path / "s")
+    assert [s["status"] for s in statuses.values()] == ["completed"] * 2

@@ -117,3 +117,10 @@ def test_two_sweeps_started_together_write_to_distinct_directories(small_names, 
     assert sweeps == ["sweep", "sweep-2"]
     for name in sweeps:
         assert len(read_statuses(tmp_path / name)) == 2
+
+
+def test_the_report_prints_a_diverged_loss_short():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from report import fmt
+
+    assert [fmt(v) for v in (3.8e31, 2.07123, float("nan"), -3.5, 1e-5)] == ["3.8e+31", "2.0712", "-", "-3.5000", "1e-05"]

@@ -34,13 +34,13 @@ ACTGRAD_SETS = {
     "enable_checkpointing": "checkpoint_every_n_steps=<steps>, or ~checkpoints.best",
     "default_root_dir": "hydra.run.dir=<dir>",
     "fast_dev_run": "debug=fdr",
+    "overfit_batches": "debug=overfit (data.train_examples=<n>: every step draws its own batch, so Lightning's repeats none)",
 }
 # Trainer settings actgrad's loop cannot honour: {key: (the values that are fine, why not others)}
 MANUAL = "actgrad steps the optimizer itself (Lightning's manual optimization), which Lightning neither clips nor accumulates for"
 UNSUPPORTED = {
     "gradient_clip_val": ((None, 0), MANUAL),  # Lightning would refuse them once fit has started
     "accumulate_grad_batches": ((None, 1), MANUAL),
-    "overfit_batches": ((0, 0.0), "every step draws a batch of its own (actgrad.data), so no batch is ever repeated"),
 }
 
 
@@ -200,13 +200,20 @@ class Composer:
             if not options[o.key_or_group]:
                 find(o, defaults)
         if settings:
-            compose_config([o.input_line for o in job])
+            check_launcher(compose_config([o.input_line for o in job]))
 
     def compose_base(self, lines: list[str]) -> dict:
         if tuple(lines) not in self.bases:
             # unresolved: resolving runs resolvers, and fresh_dir creates the run's directory
             self.bases[tuple(lines)] = OmegaConf.to_container(compose_config(lines), resolve=False)
         return self.bases[tuple(lines)]
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    """What Hydra would only report from inside the launcher, as a traceback-like block."""
+    size = OmegaConf.select(cfg, "hydra.launcher.stack_size", default=None)
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ConfigError(f"hydra.launcher.stack_size={size!r}: must be a whole number >= 1 (runs in one stacked model)")
 
 
 def compose_config(lines: list[str]) -> DictConfig:

@@ -635,12 +635,15 @@ PREPARED = {}  # prepared_key -> (words, splits) of the last data set this proce
 
 class NamesData(L.LightningDataModule):
     def __init__(self, path=None, cache_dir="~/.cache/actgrad", block_size=3, batch_size=32, split_seed=42,
-                 url=NAMES_URL):
+                 url=NAMES_URL, train_examples=None):
         super().__init__()
         if block_size < 1:
             raise DataError(f"data.block_size={block_size}: must be a positive whole number")
         if batch_size < 1:
             raise DataError(f"data.batch_size={batch_size}: must be a positive whole number")
+        if train_examples is not None and (not isinstance(train_examples, int) or train_examples < 1):
+            raise DataError(f"data.train_examples={train_examples!r}: must be a positive whole number, or null for all")
+        self.train_examples = train_examples  # the first n of the training split only (debug=overfit)
         self.path, self.cache_dir, self.url = path, cache_dir, url
         self.block_size, self.batch_size, self.split_seed = block_size, batch_size, split_seed
         # loop settings, set by the trainer side (actgrad.experiment) before fit
@@ -686,6 +689,8 @@ class NamesData(L.LightningDataModule):
 
     def train_dataloader(self):
         x, y = self.splits["train"]
+        if self.train_examples:  # a few examples seen over and over: the loss must fall towards its floor
+            x, y = x[: self.train_examples], y[: self.train_examples]
         return RandomBatches(x, y, self.batch_size, self.steps_per_batch, self.max_steps, self.seed,
                              first_step=lambda: self.trainer.global_step if self.trainer else 0, cadences=self.cadences)
     # no val or test loaders: the module evaluates whole splits itself, at exact steps (module.py)

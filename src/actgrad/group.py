@@ -28,10 +28,10 @@ from actgrad.checkpoint import AlreadyCompleted, plan_start
 from actgrad.checks import check_config, explain
 from actgrad.data import available_memory
 from actgrad.diagnostic import Diagnostic
+from actgrad.grouping import OWN_CALLBACKS
 from actgrad.rundir import Busy, RunDir, note_before_hydra
 from actgrad.stacked import (
     EVAL_CHUNK,
-    MEMBER_NUMBERS,
     Member,
     MemberHooks,
     MemberLogs,
@@ -45,37 +45,17 @@ from actgrad.stop import StopRequest
 from actgrad.writer import Writer
 
 log = logging.getLogger(__name__)
+ALONE = {"status": "alone"}  # train_group's answer for a run that cannot be stacked after all
 
-FREE_KEYS = ("seed", "init", "callbacks", "hydra", "checkpoint_every_n_steps", "threads", "jobs_per_gpu")
-# callbacks of actgrad's own that read a member through the view below (their hooks: start and end of training)
+# what a member's callbacks may override: Lightning calls these with the member's view (actgrad.stacked)
 MEMBER_HOOKS = ("setup", "on_train_start", "on_train_end", "on_exception", "state_dict", "load_state_dict")
 
 
-def group_key(cfg: DictConfig) -> str | None:
-    """Runs with equal keys can train as one stacked model; None: this run trains alone."""
-    if cfg.get("ckpt_path") or cfg.get("init_from") or cfg.get("compile") or not cfg.get("optimizer"):
-        return None
-    if str(cfg.trainer.get("precision", "32-true")) not in ("32-true", "32", "64-true", "64"):
-        return None  # a precision plugin scales the loss: the single run takes Lightning's path, so must this
-    if not str(cfg.optimizer.get("_target_", "")).startswith("actgrad.optim."):
-        return None  # the stacked update needs actgrad.optim's flat buffers
-    if not all(member_callback(c) for c in (cfg.callbacks or {}).values()):
-        return None  # a plain Lightning callback would see the whole stack
-    shared = OmegaConf.to_container(cfg, resolve=False)
-    for key in FREE_KEYS:
-        shared.pop(key, None)
-    shared["optimizer"] = {k: v for k, v in shared["optimizer"].items() if k not in MEMBER_NUMBERS}
-    shared["trainer"] = {k: v for k, v in shared["trainer"].items() if k != "enable_progress_bar"}
-    return OmegaConf.to_yaml(OmegaConf.create(shared))
-
-
-def member_callback(node) -> bool:
-    """A diagnostic, or one of actgrad's callbacks whose Lightning hooks a member view can serve."""
-    try:
-        cls = instantiate({"_target_": "hydra.utils.get_class", "path": node["_target_"]})
-    except Exception:
-        return False
-    if issubclass(cls, Diagnostic) or cls.__module__.startswith("callbacks."):
+def member_capable(callback) -> bool:
+    """A diagnostic, or a callback of actgrad's own whose Lightning hooks a member's view can serve:
+    any other would see the whole stack, so its run trains alone."""
+    cls = type(callback)
+    if isinstance(callback, Diagnostic) or cls.__module__.startswith(OWN_CALLBACKS):
         return all(name in MEMBER_HOOKS or getattr(cls, name) is getattr(L.Callback, name)
                    for name in dir(L.Callback) if name.startswith("on_") or name == "teardown")
     return False
@@ -127,9 +107,9 @@ def prepare_member(full: DictConfig, run_dir: Path) -> Member | dict:
             run.unlock()
             raise
         return refused(Member(cfg, full, run, None, None), message)  # leaves only why, for the sweep's summary
-    if not stackable(module.net):
+    if not stackable(module.net) or not all(member_capable(c) for c in member.callbacks):
         run.unlock()
-        return {"status": "failed", "error": f"model {type(module.net).__name__} cannot be stacked"}
+        return ALONE  # the launcher trains it as a single run
     return member
 
 

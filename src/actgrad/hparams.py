@@ -27,9 +27,10 @@ def overridden_keys() -> list[str]:
     """The keys set on the command line: this run's, and in a sweep every job's (the sweep's command line)."""
     hydra = HydraConfig.get()
     lines = list(hydra.overrides.task)
-    sweep_file = Path(hydra.sweep.dir) / "multirun.yaml"
-    if hydra.mode.name == "MULTIRUN" and sweep_file.is_file():
-        lines += list(OmegaConf.load(sweep_file).hydra.overrides.task)
+    if hydra.mode.name == "MULTIRUN":  # only then: resolving sweep.dir (fresh_dir) would make its folder
+        sweep_file = Path(hydra.sweep.dir) / "multirun.yaml"
+        if sweep_file.is_file():
+            lines += list(OmegaConf.load(sweep_file).hydra.overrides.task)
     keys = [o.get_key_element() for o in OverridesParser.create().parse_overrides(lines)]
     keys += list(hydra.sweeper.get("params") or {})  # a search (Optuna) declares what it varies
     return list(dict.fromkeys(k.lstrip("+~") for k in keys))

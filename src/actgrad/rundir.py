@@ -23,6 +23,9 @@ from hydra.experimental.callback import Callback
 # Set by train.py's Hydra callback before Hydra creates the run dir (single runs only):
 # the directories that did not exist, and the names already in the run dir.
 BEFORE_HYDRA: dict = {}
+# Directories the config's own resolver made while Hydra composed it (sweep.fresh_dir: the dated folder
+# of outputs/runs/), before the callback could see them missing: a refused attempt removes them too.
+MADE_BY_RESOLVER: list[Path] = []
 
 
 class Busy(RuntimeError):
@@ -41,7 +44,9 @@ def missing_dirs(path: Path) -> list[Path]:
 def note_before_hydra(run_dir) -> None:
     """Record what exists before Hydra creates the run dir, so a refused attempt can undo only its own."""
     run_dir = Path(run_dir).absolute()
-    BEFORE_HYDRA.update(dir=run_dir, missing=missing_dirs(run_dir),
+    missing = missing_dirs(run_dir)
+    missing += [d for d in MADE_BY_RESOLVER if run_dir.is_relative_to(d) and d not in missing]  # deepest first
+    BEFORE_HYDRA.update(dir=run_dir, missing=missing,
                         names=set(os.listdir(run_dir)) if run_dir.is_dir() else set())
 
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from actgrad.checkpoint import AtomicCheckpointIO, load
 from actgrad.data import RandomBatches
 from actgrad.diagnostic import START_HERE, Diagnostic, layout
+from actgrad.grouping import MEMBER_NUMBERS
 from actgrad.module import LanguageModel, count_optimizer_steps
 from actgrad.rundir import RunDir
 from actgrad.snapshot import Recorder
@@ -34,8 +35,6 @@ from actgrad.writer import Writer
 log = logging.getLogger(__name__)
 
 EVAL_CHUNK = 4096  # examples per evaluation forward pass, shared by the members of a stack
-# the optimizer's numbers a member may have its own of
-MEMBER_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "betas", "eps")
 
 
 @dataclass

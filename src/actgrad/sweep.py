@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from actgrad.gpus import gpu_count
-from actgrad.rundir import last_attempt
+from actgrad.rundir import MADE_BY_RESOLVER, last_attempt, missing_dirs
 from actgrad.stop import STOP_FILE
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,10 @@ def fresh_dir(path: str) -> str:
     (mkdir is atomic), so two sweeps started in the same second never share a directory."""
     for n in itertools.count(1):
         candidate = path if n == 1 else f"{path}-{n}"
+        made = missing_dirs(Path(candidate))
         try:
             os.makedirs(candidate)
+            MADE_BY_RESOLVER.extend(made)
             return candidate
         except FileExistsError:
             continue

@@ -55,7 +55,7 @@ class StackedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from actgrad.group import group_key  # torch and Lightning: only once a sweep starts
+        from actgrad.grouping import group_key  # from the configs alone: this process imports no torch
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -124,7 +124,7 @@ def run_group(hydra_context, task_function, configs: list[DictConfig], singleton
         return [run_job(hydra_context=hydra_context, task_function=task_function, config=configs[0],
                         job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")]
     with free_gpu(configs):
-        return train_stacked(configs)
+        return train_stacked(hydra_context, task_function, configs)
 
 
 @contextlib.contextmanager
@@ -144,8 +144,8 @@ def free_gpu(configs: list[DictConfig]):
         yield gpu
 
 
-def train_stacked(configs: list[DictConfig]) -> list[JobReturn]:
-    from actgrad.group import train_group
+def train_stacked(hydra_context, task_function, configs: list[DictConfig]) -> list[JobReturn]:
+    from actgrad.group import ALONE, train_group
 
     dirs = []
     for cfg in configs:
@@ -157,6 +157,11 @@ def train_stacked(configs: list[DictConfig]) -> list[JobReturn]:
     results = train_group(configs, dirs)
     returns = []
     for cfg, out, result in zip(configs, dirs, results):
+        if result is ALONE:  # its callbacks or model cannot be stacked: as Hydra runs any job
+            HydraConfig.instance().set_config(cfg)
+            returns.append(run_job(hydra_context=hydra_context, task_function=task_function, config=cfg,
+                                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+            continue
         ret = JobReturn()
         ret.cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         ret.hydra_cfg = OmegaConf.create({"hydra": cfg.hydra})
