@@ -181,6 +181,7 @@ class StackedModule(L.LightningModule):
         self.frozen = None  # (mask over the flat buffer, values) of members that diverged
         self.pending_best = []
         self.losses = []  # each step's (members,) losses since the last train/loss write
+        self.cadences = None  # {cadence: (a diagnostic to ask, [(member index, diagnostic)])}, when fit starts
         self.loaded = None  # members' optimizer values and scheduler states of a resumed group
 
     # --- optimizer: member 0's optimizer over the stack, with each member's own numbers as tensors
@@ -244,21 +245,21 @@ class StackedModule(L.LightningModule):
             self.stop.restore()
 
     def watching(self, step: int) -> list:
-        """[(member index, its diagnostics watching this step)]; a cadence shared by members is asked once."""
-        asked, out = {}, []
-        for j, m in enumerate(self.members):
-            if m.results is not None:
-                continue
-            ds = []
-            for d in m.diagnostics:
-                key = (type(d), d.every_n_steps, d.last_step) if type(d).wants is Diagnostic.wants else id(d)
-                if key not in asked:
-                    asked[key] = d.wants(step)
-                if asked[key]:
-                    ds.append(d)
-            if ds:
-                out.append((j, ds))
-        return out
+        """[(member index, its diagnostics watching this step)]: each cadence shared by members asked once."""
+        if self.cadences is None:
+            self.cadences = {}
+            for j, m in enumerate(self.members):
+                for d in m.diagnostics:
+                    shared = type(d).wants is Diagnostic.wants  # the same cadence answers the same
+                    key = (type(d), d.every_n_steps, d.last_step) if shared else id(d)
+                    self.cadences.setdefault(key, (d, []))[1].append((j, d))
+        out = {}
+        for asked, pairs in self.cadences.values():
+            if asked.wants(step):
+                for j, d in pairs:
+                    if self.members[j].results is None:
+                        out.setdefault(j, []).append(d)
+        return list(out.items())
 
     def training_step(self, batch, batch_idx):
         xs, ys = batch

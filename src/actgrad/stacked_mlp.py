@@ -36,11 +36,12 @@ class StackedEmbedding(nn.Module):
     def __init__(self, weight):
         super().__init__()
         self.weight = nn.Parameter(weight)  # (members, vocab, n_embd)
+        members, vocab, _ = weight.shape  # member m's rows of one table start at m * vocab:
+        self.register_buffer("offsets", torch.arange(members).view(-1, 1, 1) * vocab, persistent=False)
 
     def forward(self, idx):  # (members, batch, block) -> (members, batch, block, n_embd)
         members, vocab, n_embd = self.weight.shape
-        offsets = torch.arange(members, device=idx.device).view(-1, 1, 1) * vocab  # member m's rows of one table
-        return F.embedding(idx + offsets, self.weight.view(members * vocab, n_embd))
+        return F.embedding(idx + self.offsets, self.weight.view(members * vocab, n_embd))
 
 
 class StackedBatchNorm(nn.Module):
