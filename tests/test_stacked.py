@@ -294,3 +294,17 @@ def test_a_run_whose_callback_cannot_serve_a_member_trains_alone(small_names, tm
     assert "as 1 groups" in proc.stdout + proc.stderr and "runs stacked" not in proc.stdout + proc.stderr
     statuses = read_statuses(tmp_path / "s")
     assert [s["status"] for s in statuses.values()] == ["completed"] * 2
+
+
+@pytest.mark.slow
+def test_an_optuna_search_stacks_each_batch_of_trials(small_names, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = run_cli("-m", "search=lr_gain", *ONE_GROUP, *TINY, f"data.path={small_names}", "hydra.sweeper.n_trials=4",
+                   "hydra.sweeper.n_jobs=2", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("Launching 2 jobs as 1 groups") == 2  # two batches of two trials, each stacked
+    statuses = read_statuses(tmp_path)
+    assert len(statuses) == 4 and all(s["status"] == "completed" for s in statuses.values())
+    best = (tmp_path / "optimization_results.yaml").read_text()
+    assert "best_value" in best

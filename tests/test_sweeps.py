@@ -30,9 +30,10 @@ def compose_with_hydra(*overrides):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
-def test_default_launcher_runs_jobs_in_parallel():
+def test_default_launcher_stacks_jobs_and_runs_groups_in_parallel():
     cfg = compose_with_hydra()
-    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs >= 1
+    assert cfg.hydra.launcher._target_.endswith("StackedLauncher") and cfg.hydra.launcher.n_jobs >= 1
+    assert compose_with_hydra("hydra/launcher=parallel").hydra.launcher._target_.endswith("JoblibLauncher")
 
 
 def test_slurm_launcher_config_composes():
@@ -49,7 +50,7 @@ def test_optuna_search_config_composes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["local", "parallel"])
+@pytest.mark.parametrize("launcher", ["local", "parallel", "stacked"])
 def test_real_multirun_with_each_launcher(launcher, small_names, tmp_path):
     proc = run_cli("-m", "init=naive,scaled,kaiming", "norm=none,batchnorm", *TINY, f"data.path={small_names}",
                    f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path}")

@@ -131,21 +131,19 @@ class StackedData(L.LightningDataModule):
 
     def __init__(self, members: list[Member], steps_per_batch: int, max_steps: int, cadences: tuple):
         super().__init__()
-        self.members = members
-        self.loaders = {}
-        for m in members:  # members of one seed draw the same batches: draw them once
-            m.data.steps_per_batch, m.data.max_steps, m.data.seed, m.data.cadences = (
-                steps_per_batch, max_steps, m.cfg.seed, cadences)
+        self.members, self.data = members, members[0].data  # one data config for the group
         self.steps_per_batch, self.max_steps, self.cadences = steps_per_batch, max_steps, cadences
 
     @property
     def splits(self):
-        return self.members[0].data.splits
+        return self.data.splits
 
     def train_dataloader(self):
         x, y = self.splits["train"]
-        seeds = sorted({m.cfg.seed for m in self.members})
-        batches = {s: RandomBatches(x, y, self.members[0].data.batch_size, self.steps_per_batch, self.max_steps, s,
+        if self.data.train_examples:  # debug=overfit, as NamesData.train_dataloader cuts it
+            x, y = x[: self.data.train_examples], y[: self.data.train_examples]
+        seeds = sorted({m.cfg.seed for m in self.members})  # members of one seed draw the same batches: once
+        batches = {s: RandomBatches(x, y, self.data.batch_size, self.steps_per_batch, self.max_steps, s,
                                     first_step=lambda: self.trainer.global_step, cadences=self.cadences)
                    for s in seeds}
         where = torch.tensor([seeds.index(m.cfg.seed) for m in self.members])
