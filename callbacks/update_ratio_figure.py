@@ -28,12 +28,16 @@ class UpdateRatioFigure(Diagnostic):
     def on_train_end(self, trainer, pl_module):
         self.draw(trainer.global_step)
 
-    # the history goes into checkpoints, so a resumed run draws the whole of it
+    # the history goes into checkpoints, so a resumed run draws the whole of it: as one tensor, since
+    # torch.save takes ~50 us per tensor (2,000 of them at the end of a default run: 0.1 s a checkpoint)
     def state_dict(self):
-        return {"names": self.names, "steps": self.steps, "history": self.history}
+        return {"names": self.names, "steps": self.steps,
+                "history": torch.stack(self.history) if self.history else torch.empty(0)}
 
     def load_state_dict(self, state_dict):
-        self.names, self.steps, self.history = state_dict["names"], state_dict["steps"], state_dict["history"]
+        history = state_dict["history"]  # a list in checkpoints written before
+        self.names, self.steps = state_dict["names"], state_dict["steps"]
+        self.history = list(history.unbind(0)) if isinstance(history, torch.Tensor) else list(history)
 
     def on_exception(self, trainer, pl_module, exception):
         self.draw(trainer.global_step)

@@ -592,3 +592,21 @@ def test_lecture_initial_loss():
         assert trainer.loggers[0].scalars["init/uniform_loss"][0] == pytest.approx(3.2958, abs=1e-4)
     assert 22 < losses["naive"] < 34, losses  # 25.8 here; the lecture's first batch of 32: 27.9
     assert 3.2 < losses["kaiming"] < 3.4, losses
+
+
+def test_the_update_ratio_history_goes_into_checkpoints_as_one_tensor():
+    """A checkpoint pays torch.save's cost per tensor: the whole history is one, and loads back equal."""
+    d = UpdateRatioFigure(every_n_steps=1)
+    d.names, d.steps, d.history = ["a", "b"], [0, 1, 2], [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]),
+                                                           torch.tensor([5.0, 6.0])]
+    state = d.state_dict()
+    assert isinstance(state["history"], torch.Tensor) and state["history"].shape == (3, 2)
+    again = UpdateRatioFigure(every_n_steps=1)
+    again.load_state_dict(state)
+    assert again.steps == [0, 1, 2] and [h.tolist() for h in again.history] == [[1, 2], [3, 4], [5, 6]]
+    old = UpdateRatioFigure(every_n_steps=1)
+    old.load_state_dict({"names": ["a"], "steps": [0], "history": [torch.tensor([1.0])]})  # an older checkpoint's list
+    assert [h.tolist() for h in old.history] == [[1.0]]
+    empty = UpdateRatioFigure(every_n_steps=1)
+    empty.load_state_dict(UpdateRatioFigure(every_n_steps=1).state_dict())
+    assert empty.history == []
