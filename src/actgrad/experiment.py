@@ -185,6 +185,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), record_refus
 def refuse(run: RunDir, message: str, record: bool) -> None:
     run.discard()
     if record:  # a sweep's job: the summary reads why; a run already there keeps its own status
+        run.path.mkdir(parents=True, exist_ok=True)  # discard removed it if this attempt made it and it was empty
         if run.status() is None:
             run.write_status({"status": "failed", "error": message})
         run.log_attempt({"outcome": "failed", "error": message})

@@ -136,7 +136,7 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
 
 def memory_needed(members: list[Member]) -> int:
     """Bytes a stack of these members takes: per member its parameters (with gradients and up to two
-    optimizer states) and one step's activations, training and evaluating (module.EVAL_CHUNK examples)."""
+    optimizer states) and one step's activations, training and evaluating (stacked.EVAL_CHUNK examples)."""
     net, cfg = members[0].module.net, members[0].cfg
     params = sum(p.numel() for p in net.parameters())
     vocab, layers = len(members[0].data.vocab), cfg.model.n_layers
@@ -162,11 +162,7 @@ def too_big(members: list[Member]) -> str | None:
 
 def refused(m: Member, message: str) -> dict:
     log.error("%s: %s", m.run.path, message)
-    m.run.discard()
-    m.run.path.mkdir(parents=True, exist_ok=True)
-    if m.run.status() is None:
-        m.run.write_status({"status": "failed", "error": message})
-    m.run.log_attempt({"outcome": "failed", "error": message})
+    experiment.refuse(m.run, message, record=True)
     return {"status": "failed", "error": message}
 
 

@@ -193,15 +193,14 @@ class LanguageModel(L.LightningModule):
 
     def _write(self, scalars: dict, step: int) -> dict:
         written = self.writer.scalars(scalars, step)
-        previous = self.written[1] if self.written[0] == step else {}
-        self.written = (step, previous | written)
+        self.written = remember(self.written, step, written)
         return written
 
     def _write_train_loss(self):
         """Write the mean loss of every whole `log_every_n_steps` interval that has just ended."""
         n, now = self.log_every_n_steps, self.global_step
         first = now - len(self._losses)
-        ends = range((first // n + 1) * n, now + 1, n)
+        ends = interval_ends(first, now, n)
         if not ends:
             return
         losses = torch.stack(self._losses)
@@ -209,9 +208,9 @@ class LanguageModel(L.LightningModule):
             mean = losses[max(end - n, first) - first : end - first].mean()
             written = self._write({"train/loss": mean, "lr": self.lr()}, end)
             loss = self.recent_loss = written["train/loss"]
-            if not math.isfinite(loss) or loss > self.diverge_above:
-                raise Diverged(f"train/loss is {loss:.4g} at step {end}: the run diverged"
-                               + ("" if not math.isfinite(loss) else f" (above {self.diverge_above:.4g})"))
+            error = divergence(loss, end, self.diverge_above)
+            if error:
+                raise Diverged(error)
         self._losses = self._losses[ends[-1] - first :]
 
     @torch.no_grad()
@@ -224,6 +223,25 @@ class LanguageModel(L.LightningModule):
                     for xc, yc in zip(x.split(chunk), y.split(chunk)))
         self.net.train(was_training)
         return total / len(y)
+
+
+def interval_ends(first: int, now: int, n: int) -> range:
+    """The last steps of the whole `n`-step logging intervals that ended after step `first`, up to `now`."""
+    return range((first // n + 1) * n, now + 1, n)
+
+
+def divergence(loss: float, step: int, limit: float) -> str | None:
+    """Why a logged train/loss means the run diverged, or None."""
+    if math.isfinite(loss) and loss <= limit:
+        return None
+    return f"train/loss is {loss:.4g} at step {step}: the run diverged" + (
+        "" if not math.isfinite(loss) else f" (above {limit:.4g})")
+
+
+def remember(written: tuple, step: int, scalars: dict) -> tuple:
+    """(step, scalars) written at the latest step: what a resumed attempt writes again (see on_train_start)."""
+    previous = written[1] if written[0] == step else {}
+    return step, previous | scalars
 
 
 def needs_lightning_path(trainer) -> bool:

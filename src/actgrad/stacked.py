@@ -12,7 +12,6 @@ optimizer with one parameter group per member, so torch's schedulers work unchan
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from actgrad.checkpoint import AtomicCheckpointIO, load
 from actgrad.data import RandomBatches
 from actgrad.diagnostic import START_HERE, Diagnostic, layout
 from actgrad.grouping import MEMBER_NUMBERS
-from actgrad.module import LanguageModel, count_optimizer_steps
+from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, remember
 from actgrad.rundir import RunDir
 from actgrad.snapshot import Recorder
 from actgrad.stacked_mlp import StackedMLP, member_state, stack_states
@@ -308,7 +307,7 @@ class StackedModule(L.LightningModule):
         """Each member's mean loss of every whole `log_every_n_steps` interval that has just ended."""
         n, now = self.log_every_n_steps, self.global_step
         first = now - len(self.losses)
-        ends = range((first // n + 1) * n, now + 1, n)
+        ends = interval_ends(first, now, n)
         if not ends:
             return
         losses, lrs = torch.stack(self.losses), self.member_lrs()  # (steps, members)
@@ -318,15 +317,14 @@ class StackedModule(L.LightningModule):
                 if m.results is not None:
                     continue
                 loss = self.write(m, {"train/loss": means[j], "lr": lrs[j]}, end)["train/loss"]
-                if not math.isfinite(loss) or loss > m.module.diverge_above:
-                    self.diverged(j, f"train/loss is {loss:.4g} at step {end}: the run diverged"
-                                  + ("" if not math.isfinite(loss) else f" (above {m.module.diverge_above:.4g})"))
+                error = divergence(loss, end, m.module.diverge_above)
+                if error:
+                    self.diverged(j, error)
         self.losses = self.losses[ends[-1] - first :]
 
     def write(self, m: Member, scalars: dict, step: int) -> dict:
         written = m.writer.scalars(scalars, step)
-        previous = m.written[1] if m.written[0] == step else {}
-        m.written = (step, previous | written)
+        m.written = remember(m.written, step, written)
         return written
 
     def diverged(self, j: int, error: str):
