@@ -11,9 +11,9 @@ class ActivationGrads(Diagnostic):
     def __init__(self, every_n_steps: int = 1000, means: bool = False):
         super().__init__(every_n_steps)
         self.means = means  # a gradient's mean is noise around 0; the histograms show it
-        self.charts = {"act_grad/std: the gradient at each layer's output; similar across layers is healthy": ["act_grad/std/.*"]}
+        self.charts = {"act_grad/std: the gradient at each layer's output; similar across layers is healthy": ["act_grad/std$"]}
         if means:
-            self.charts["act_grad/mean"] = ["act_grad/mean/.*"]
+            self.charts["act_grad/mean"] = ["act_grad/mean$"]
 
     def compute(self, snapshot):
         stats = {}

@@ -43,13 +43,13 @@ class Activations(Diagnostic):
             raise ValueError(f"Activations.threshold={threshold!r}: must be between 0 and 1")
         self.threshold, self.means = threshold, means  # means: noise around 0 for tanh; the histograms show them
         self.charts = {
-            f"act/saturation: share of units in the flat part of the nonlinearity (tanh: |t| > {threshold})": ["act/saturation/.*"],
-            "act/dead: share of units saturated for the whole batch (ReLU: zero for every example)": ["act/dead/.*"],
-            "act/std": ["act/std/.*"],
-            "preact/std: the nonlinearity's input": ["preact/std/.*"],
+            f"act/saturation: share of units in the flat part of the nonlinearity (tanh: |t| > {threshold})": ["act/saturation$"],
+            "act/dead: share of units saturated for the whole batch (ReLU: zero for every example)": ["act/dead$"],
+            "act/std": ["act/std$"],
+            "preact/std: the nonlinearity's input": ["preact/std$"],
         }
         if means:
-            self.charts |= {"act/mean": ["act/mean/.*"], "preact/mean": ["preact/mean/.*"]}
+            self.charts |= {"act/mean": ["act/mean$"], "preact/mean": ["preact/mean$"]}
 
     def setup(self, trainer, pl_module, stage):
         """No act/dead chart for a tanh-only network: it logs no such tag (the layout is written after this)."""

@@ -48,7 +48,7 @@ class BNCalibration(L.Callback):
                     b.copy_(buffers[name])
             for m, mode in modes.items():
                 m.training = mode
-        Writer.of(trainer).scalars(scalars, trainer.global_step)
+        Writer.of(trainer).scalars(scalars, trainer.global_step, layers=norms)  # a chart per quantity, a line per layer
 
     @torch.no_grad()
     def calibrate(self, net, norms: dict, splits: dict, device) -> dict:

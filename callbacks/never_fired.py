@@ -9,7 +9,7 @@ from actgrad.diagnostic import Diagnostic
 
 class NeverFired(Diagnostic):
     needs = {"layers"}  # snapshot.layers[name].out: each hidden layer's output on watched steps
-    charts = {"act/never_fired: share of units never > 0 since the start": ["act/never_fired/.*"]}
+    charts = {"act/never_fired: share of units never > 0 since the start": ["act/never_fired$"]}
 
     def __init__(self, every_n_steps: int = 1000):
         super().__init__(every_n_steps)

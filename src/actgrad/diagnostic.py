@@ -51,11 +51,20 @@ class Diagnostic(L.Callback):
         """Called on each watched step, after optimizer.step(), with that step's snapshot."""
         values = self.compute(snapshot)
         self.writer.write({k: v for k, v in values.items() if v.ndim == 0},
-                          {k: v for k, v in values.items() if v.ndim > 0}, snapshot.step)
+                          {k: v for k, v in values.items() if v.ndim > 0}, snapshot.step, layer_names(snapshot))
 
     def compute(self, snapshot: Snapshot) -> dict:
         """{tag: tensor} from one step's snapshot."""
         return {}
+
+
+def layer_names(snapshot: Snapshot) -> set:
+    """The layers a snapshot holds (layer1, ...; embedding and output through their parameters): a tag
+    ending in one of them, or in one of their parameters, is that layer's series (actgrad.writer)."""
+    names = set(snapshot.layers)
+    for tensors in (snapshot.params, snapshot.grads, snapshot.updates):
+        names.update(name.partition(".")[0] for name in tensors)
+    return names
 
 
 # The loss first: custom scalars shows the categories in this order. TensorBoard matches a regex at the start of a tag.

@@ -16,6 +16,17 @@ is named after the logger's own file plus ".actgrad", so TensorBoard reads it ri
 one: a resumed run's purge marker (at the start of its logger's file) drops what the killed
 attempt wrote here past its checkpoint too. Figures, charts and text go through the logger's
 SummaryWriter; without `crc32c` installed, everything does.
+
+TensorBoard colours lines by run only, so each layer's series go to a run of their own (a
+subrun: a subdirectory of the logger's dir, as Keras's logs/train and logs/validation), where the
+tag is the quantity: act/saturation/layer1 is tag act/saturation of subrun layer1,
+update_ratio/layer1.weight tag update_ratio/weight of subrun layer1. One card or chart per
+quantity then shows a line, and a colour, per layer. Only tags written with `layers` (the model's
+layer names; diagnostics pass them) split: losses, init/* and final/* stay in the run itself, and
+loggers other than TensorBoard keep the flat tags. The first value of a tag in a subrun's file
+names its flat tag (actgrad.events reads them back under it). A subrun's file is named after its
+logger's file and starts with that file's purge marker, so a resumed run drops what the killed
+attempt wrote past its checkpoint in subruns too.
 """
 
 import math
@@ -25,12 +36,16 @@ import struct
 import time
 import weakref
 from contextlib import contextmanager
+from itertools import chain
 
 import torch
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.writer import FileWriter
+
+from actgrad.events import SUBRUN_PLUGIN
 
 try:
     from crc32c import crc32c  # C (hardware where there is one): the `crc32c` package
@@ -45,6 +60,7 @@ class Writer:
         self.loggers = list(loggers)
         self.pending = None  # inside batch(): {step: (scalars, histograms)} not written yet
         self.latest = {}  # {tag: the last scalar written}: the final values of a run without TensorBoard
+        self.routes = {}  # {flat tag: (subrun, tag there)} of the per-layer series seen so far
 
     @classmethod
     def of(cls, trainer) -> "Writer":
@@ -54,20 +70,26 @@ class Writer:
         """The SummaryWriter of every TensorBoard logger: histograms, images and charts go only there."""
         return [logger.experiment for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
 
-    def scalars(self, values: dict, step: int) -> dict:
+    def scalars(self, values: dict, step: int, layers=()) -> dict:
         """Stack on the device, move to the host in one transfer, write to every logger at `step`."""
-        return self.write(values, {}, step)
+        return self.write(values, {}, step, layers)
 
-    def histograms(self, tensors: dict, step: int) -> None:
+    def histograms(self, tensors: dict, step: int, layers=()) -> None:
         """One histogram per {tag: tensor} (TensorBoard only), at `step`."""
-        self.write({}, tensors, step)
+        self.write({}, tensors, step, layers)
 
-    def write(self, scalars: dict, histograms: dict, step: int) -> dict:
+    def write(self, scalars: dict, histograms: dict, step: int, layers=()) -> dict:
         """Scalars ({tag: number or one-element tensor}) and histograms ({tag: tensor}) of one step:
-        one device-to-host transfer, one event per TensorBoard logger. Returns the scalars as floats,
-        with `<histogram tag>/nonfinite` for each histogram that held NaN or inf."""
+        one device-to-host transfer, one event per TensorBoard logger and run. Returns the scalars as
+        floats, with `<histogram tag>/nonfinite` for each histogram that held NaN or inf.
+        `layers`: the model's layer names; a tag ending in one (act/std/layer1) or in one of its
+        parameters (update_ratio/layer1.weight) goes to that layer's subrun in TensorBoard (see `subrun`)."""
         if not scalars and not histograms:
             return {}
+        if layers:
+            for tag in chain(scalars, histograms):
+                if tag not in self.routes:
+                    self.routes[tag] = subrun(tag, layers)
         hist_tags = [tag for tag, t in histograms.items() if t.numel()]
         floats, rows = to_host(list(scalars.values()), [histogram_row(histograms[tag]) for tag in hist_tags])
         metrics, hists = dict(zip(scalars, floats)), {}
@@ -108,8 +130,8 @@ class Writer:
                     self.emit(metrics, hists, step)
 
     def emit(self, metrics: dict, hists: dict, step: int) -> None:
-        """Host values to every logger: one Summary event per TensorBoard writer."""
-        summary = None
+        """Host values to every logger: one Summary event per TensorBoard writer and run."""
+        runs = None
         for logger in self.loggers:
             if not isinstance(logger, TensorBoardLogger):
                 values = metrics | (wandb_histograms(hists) if isinstance(logger, WandbLogger) else {})
@@ -118,20 +140,31 @@ class Writer:
                 continue
             writer = logger.experiment
             if isinstance(writer, SummaryWriter) and writer.file_writer is not None:  # open
-                if summary is None:
-                    summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in metrics.items()]
-                                      + [Summary.Value(tag=tag, histo=h) for tag, h in hists.items()])
-                events = EventFile.of(writer)
-                if events is not None:
-                    events.write(Event(wall_time=time.time(), step=int(step), summary=summary))
-                else:
-                    writer.file_writer.add_summary(summary, step)
-            else:  # closed (its own calls open it again, in a new file), tensorboardX's, another rank's stand-in
+                if runs is None:
+                    runs = self.by_run(metrics, hists)
+                for name, values in runs.items():
+                    events = EventFile.of(writer, name)
+                    if events is not None:
+                        events.write_values(values, step)
+                    else:  # without crc32c, the run itself: through the logger's SummaryWriter
+                        writer.file_writer.add_summary(Summary(value=[v for _, v in values]), step)
+            else:  # closed (its own calls open it again, in a new file), tensorboardX's, another rank's stand-in: flat tags
                 for tag, v in metrics.items():
                     writer.add_scalar(tag, v, step)
                 for tag, h in hists.items():
                     writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares,
                                              list(h.bucket_limit), list(h.bucket), step)
+
+    def by_run(self, metrics: dict, hists: dict) -> dict:
+        """{subrun ("": the run itself): [(flat tag, Summary.Value under the tag there), ...]}."""
+        runs = {}
+        for tag, v in metrics.items():
+            name, own = self.routes.get(tag) or ("", tag)
+            runs.setdefault(name, []).append((tag, Summary.Value(tag=own, simple_value=v)))
+        for tag, h in hists.items():
+            name, own = self.routes.get(tag) or ("", tag)
+            runs.setdefault(name, []).append((tag, Summary.Value(tag=own, histo=h)))
+        return runs
 
     def figure(self, tag: str, figure, step: int) -> None:
         """A matplotlib figure, to every logger that shows images."""
@@ -157,39 +190,122 @@ class Writer:
 
 
 class EventFile:
-    """An event file of our own beside a SummaryWriter's: TensorBoard's record format (length, masked
-    CRC-32C of the length, the serialized Event, masked CRC-32C of it), written and flushed at each
-    event, so a reader (or a killed run) always has every event written so far."""
+    """An event file of our own beside a SummaryWriter's, in its dir or a subrun's: TensorBoard's record
+    format (length, masked CRC-32C of the length, the serialized Event, masked CRC-32C of it), written
+    and flushed at each event, so a reader (or a killed run) always has every event written so far."""
 
-    files = weakref.WeakKeyDictionary()  # SummaryWriter -> its EventFile: one per writer, shared by every Writer
+    files = weakref.WeakKeyDictionary()  # SummaryWriter -> {subrun ("": its own dir): EventFile}, shared by every Writer
+    purges = weakref.WeakKeyDictionary()  # SummaryWriter -> the step its file's purge marker drops from, or None
 
-    def __init__(self, logdir: str):
-        self.path = os.path.join(logdir, file_name(logdir))
-        self.file = open(self.path, "ab")
-        self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+    def __init__(self, path: str, purge_step: int | None = None, file_writer=None):
+        self.file_writer = file_writer  # without crc32c: a torch FileWriter of the subrun writes instead
+        self.described = set()  # tags whose first value here named their flat tag
+        if file_writer is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.path = path
+            self.file = open(path, "ab")
+            self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if purge_step is not None:  # what torch's SummaryWriter writes for purge_step: TensorBoard drops steps >= it
+            self.write(Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START)))
 
     @classmethod
-    def of(cls, writer) -> "EventFile | None":
-        """The EventFile beside an open torch SummaryWriter (made on first use); None without `crc32c`."""
-        if crc32c is None:
+    def of(cls, writer, subrun: str = "") -> "EventFile | None":
+        """The EventFile of an open torch SummaryWriter's dir or of one of its subruns (made on first use);
+        None for its own dir without `crc32c` (the SummaryWriter writes there)."""
+        if crc32c is None and not subrun:
             return None
-        events = cls.files.get(writer)
-        if events is None:
-            events = cls.files[writer] = cls(writer.get_logdir())
-        return events
+        files = cls.files.get(writer)
+        if files is None:
+            files = cls.files[writer] = {}
+            cls.purges[writer] = purge_step(writer)
+            if cls.purges[writer] is not None:  # resumed: every subrun drops the killed attempt's steps, written to now or not
+                for name in existing_subruns(writer.get_logdir()):
+                    files[name] = cls.open(writer, name)
+        if subrun not in files:
+            files[subrun] = cls.open(writer, subrun)
+        return files[subrun]
+
+    @classmethod
+    def open(cls, writer, subrun: str) -> "EventFile":
+        logdir = writer.get_logdir()
+        if not subrun:
+            return cls(os.path.join(logdir, file_name(logdir)))
+        purge = cls.purges.get(writer)
+        if crc32c is None:
+            return cls("", purge, FileWriter(os.path.join(logdir, subrun)))
+        return cls(os.path.join(logdir, subrun, file_name(logdir)), purge)  # named after the logger's file: read in its order
+
+    def write_values(self, values: list, step: int) -> None:
+        """[(flat tag, Summary.Value)] as one event. A subrun's tag names its flat tag at its first value
+        here, in the value's metadata (SUBRUN_PLUGIN): TensorBoard keeps a tag's first metadata."""
+        for flat, value in values:
+            if flat != value.tag and value.tag not in self.described:
+                value.metadata.plugin_data.plugin_name = SUBRUN_PLUGIN
+                value.metadata.plugin_data.content = flat.encode()
+                self.described.add(value.tag)
+        self.write(Event(wall_time=time.time(), step=int(step), summary=Summary(value=[v for _, v in values])))
 
     def write(self, event: Event) -> None:
+        if self.file_writer is not None:
+            self.file_writer.add_event(event, walltime=event.wall_time)
+            self.file_writer.flush()  # nobody closes it
+            return
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
         self.file.write(b"".join((header, struct.pack("<I", masked_crc(header)), data, struct.pack("<I", masked_crc(data)))))
         self.file.flush()
 
 
-def file_name(logdir: str) -> str:
+def subrun(tag: str, layers) -> tuple[str, str] | None:
+    """Where TensorBoard shows a layer's series: ("layer1", "act/saturation") for act/saturation/layer1,
+    ("layer1", "update_ratio/weight") for update_ratio/layer1.weight, if layer1 is in `layers`; None
+    (the run itself) for a tag whose last part names no layer (update_ratio/guide)."""
+    quantity, _, where = tag.rpartition("/")
+    layer, _, param = where.partition(".")
+    if not quantity or layer not in layers:
+        return None
+    return layer, f"{quantity}/{param}" if param else quantity
+
+
+def existing_subruns(logdir: str) -> list[str]:
+    """The subdirectories of logdir that hold event files: its subruns from earlier attempts."""
+    return sorted(entry.name for entry in os.scandir(logdir) if entry.is_dir()
+                  and any(name.startswith("events.out.tfevents.") for name in os.listdir(entry.path)))
+
+
+def purge_step(writer) -> int | None:
+    """The step of the purge marker that torch's SummaryWriter wrote at the start of its file (for
+    purge_step: a resumed run), or None."""
+    name = torch_file(writer.get_logdir())
+    if name is None:
+        return None
+    writer.flush()  # torch writes on a thread of its own
+    for event in first_events(os.path.join(writer.get_logdir(), name), 3):  # its file version, then the marker's two
+        if event.session_log.status == SessionLog.START:
+            return event.step
+    return None
+
+
+def first_events(path: str, n: int) -> list:
+    """The first n events of an event file (fewer if it is shorter), checksums unread."""
+    events = []
+    with open(path, "rb") as f:
+        for _ in range(n):
+            header = f.read(12)  # length, its checksum
+            if len(header) < 12:
+                break
+            (length,) = struct.unpack("<Q", header[:8])
+            data = f.read(length)
+            if len(data) < length:
+                break
+            events.append(Event.FromString(data))
+            f.read(4)
+    return events
+
+
+def torch_file(logdir: str) -> str | None:
     """The name of the file that torch's SummaryWriter made last in logdir from this process
-    (events.out.tfevents.<time>.<host>.<pid>.<n>), plus ".actgrad": TensorBoard reads a run's files in
-    the order of their names, so this one comes right after that writer's (and its purge marker),
-    before any later attempt's. Without such a file: one named as torch would, at this time."""
+    (events.out.tfevents.<time>.<host>.<pid>.<n>), or None."""
     host, pid, newest = socket.gethostname(), str(os.getpid()), None
     for name in os.listdir(logdir):
         parts = name.split(".")
@@ -197,7 +313,16 @@ def file_name(logdir: str) -> str:
             key = (parts[3], int(parts[-1]))
             if newest is None or key > newest[0]:
                 newest = (key, name)
-    return f"{newest[1]}.actgrad" if newest else f"events.out.tfevents.{int(time.time()):010d}.{host}.{pid}.actgrad"
+    return newest[1] if newest else None
+
+
+def file_name(logdir: str) -> str:
+    """torch_file(logdir) plus ".actgrad": TensorBoard reads a run's files in the order of their names,
+    so this one comes right after that writer's (and its purge marker), before any later attempt's.
+    Without such a file: one named as torch would, at this time."""
+    name = torch_file(logdir)
+    host, pid = socket.gethostname(), os.getpid()
+    return f"{name}.actgrad" if name else f"events.out.tfevents.{int(time.time()):010d}.{host}.{pid}.actgrad"
 
 
 def wandb_histograms(hists: dict) -> dict:
