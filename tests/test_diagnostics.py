@@ -514,20 +514,24 @@ def test_layout_puts_every_layer_in_one_chart(tmp_path, activation):
     written = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     assert written.category[0].title == "Loss"  # shown first
     charts = {chart.title: chart.multiline.tag for category in written.category for chart in category.chart}
-    tags = events.Tags()["scalars"]
+    from actgrad.events import accumulate, subruns
 
-    def members(title_start):  # as TensorBoard's custom-scalars plugin matches a chart's regexes: re.match
+    runs = {"": events.main} | {sub.name: accumulate(sub) for sub in subruns(tmp_path)}  # each layer a TensorBoard run
+    tags = [(run, tag) for run, e in runs.items() for tag in e.Tags()["scalars"]]
+
+    def members(title_start):  # as TensorBoard's custom-scalars plugin matches a chart's regexes: re.match, run by run
         (regexes,) = [r for t, r in charts.items() if t.startswith(title_start)]
-        return sorted(t for t in tags if any(re.match(r, t) for r in regexes))
+        return sorted(f"{run}:{t}" for run, t in tags if any(re.match(r, t) for r in regexes))
 
-    assert members("loss") == ["train/loss", "val/loss"]
-    assert members("act/saturation") == ["act/saturation/layer1", "act/saturation/layer2", "act/saturation/layer3"]
-    assert members("update_ratio") == ["update_ratio/embedding.weight", "update_ratio/guide", "update_ratio/layer1.weight",
-                                       "update_ratio/layer2.weight", "update_ratio/layer3.weight", "update_ratio/output.weight"]
+    assert members("loss") == [":train/loss", ":val/loss"]
+    assert members("act/saturation") == ["layer1:act/saturation", "layer2:act/saturation", "layer3:act/saturation"]
+    assert members("update_ratio") == [":update_ratio/guide", "embedding:update_ratio/weight", "layer1:update_ratio/weight",
+                                       "layer2:update_ratio/weight", "layer3:update_ratio/weight", "output:update_ratio/weight"]
+    assert members("act/std") == ["layer1:act/std", "layer2:act/std", "layer3:act/std"]  # not preact/std
     assert all(members(title) for title in charts)  # no empty chart: a tanh net gets no act/dead chart
     assert any(t.startswith("act/dead") for t in charts) == (activation != "tanh")
-    unseen = [t for t in tags if not any(re.match(r, t) for rs in charts.values() for r in rs)]
-    assert sorted(unseen) == ["final/val_loss", "test/loss"]  # every diagnostic's tag is in a chart
+    unseen = [(run, t) for run, t in tags if not any(re.match(r, t) for rs in charts.values() for r in rs)]
+    assert sorted(unseen) == [("", "final/val_loss"), ("", "test/loss")]  # every diagnostic's tag is in a chart
 
 
 # ---------------------------------------------------------------- lecture facts on names.txt

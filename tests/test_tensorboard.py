@@ -117,7 +117,26 @@ def test_custom_scalars_one_chart_per_quantity_loss_first(server):
 
     assert set(lines("loss")) == {"train/loss", "val/loss"}  # not final/val_loss nor test/loss
     ratios = lines("update_ratio")
-    assert set(ratios) == {"update_ratio/embedding.weight", "update_ratio/layer1.weight", "update_ratio/output.weight",
-                           "update_ratio/guide"}
-    assert ratios["update_ratio/guide"] == [0, 29]  # the first and the last step: one line across the chart
-    assert set(lines("act/saturation", "init=kaiming,norm=batchnorm")) == {"act/saturation/layer1"}
+    assert ratios == {"update_ratio/guide": [0, 29]}  # the run itself: the guide once, the first and the last step
+    for layer in ("embedding", "layer1", "output"):  # a run (a colour) per layer, the quantity as the tag
+        assert set(lines("update_ratio", f"init=naive,norm=none/{layer}")) == {"update_ratio/weight"}
+    assert lines("act/saturation", "init=kaiming,norm=batchnorm") == {}
+    assert set(lines("act/saturation", "init=kaiming,norm=batchnorm/layer1")) == {"act/saturation"}
+
+
+def test_each_layer_is_a_run_of_its_own(server, sweep):
+    """TensorBoard colours by run: each layer's series are a run (a subdirectory) with the quantity as
+    the tag, so one card per quantity holds a line per layer; the project's reader gives the flat tags."""
+    runs = get(server, "/data/runs")
+    for run in ("init=naive,norm=none", "init=kaiming,norm=batchnorm"):
+        assert {f"{run}/embedding", f"{run}/layer1", f"{run}/output"} <= set(runs), runs
+        tags = get(server, "/data/plugin/scalars/tags")
+        assert {"act/saturation", "act/std", "preact/std", "act_grad/std", "update_ratio/weight"} <= set(tags[f"{run}/layer1"])
+        assert set(tags[f"{run}/output"]) == {"update_ratio/weight", "param_grad/std/weight", "param_grad/data_ratio/weight"}
+        assert not [t for t in tags[run] if t.startswith(("act/", "preact/", "act_grad/", "param_grad/"))]
+        assert {"train/loss", "val/loss", "init/loss", "final/saturation/layer1", "update_ratio/guide"} <= set(tags[run])
+        points = get(server, "/data/plugin/scalars/scalars", run=f"{run}/layer1", tag="act/saturation")
+        assert [step for _, step, _ in points] == [0, 29]  # every 1,000 steps, and the last
+        assert set(get(server, "/data/plugin/histograms/tags")[f"{run}/layer1"]) == {"act", "preact", "act_grad", "param_grad/weight"}
+        flat = scalars(sweep / run)
+        assert [(s, v) for s, v in flat["act/saturation/layer1"]] == [(s, pytest.approx(v)) for _, s, v in points]

@@ -268,3 +268,85 @@ def test_a_closed_writer_is_opened_again(tmp_path):
     events = read(tmp_path)
     assert [(e.step, e.value) for e in events.Scalars("b")] == [(1, 2.0)]
     assert histogram(events, "h", 1).num == 4
+
+
+# ---------------------------------------------------------------- per-layer series: a TensorBoard run each
+
+LAYERS = {"embedding", "layer1", "layer2", "output"}
+
+
+def subrun_tags(path):
+    """{subrun: (scalar tags, histogram tags)} as TensorBoard reads each subdirectory: a run of its own."""
+    return {sub.name: (set(read(sub).Tags()["scalars"]), set(read(sub).Tags()["histograms"]))
+            for sub in sorted(Path(path).iterdir()) if sub.is_dir()}
+
+
+def test_per_layer_series_go_to_a_subrun_each_under_their_quantity(tmp_path):
+    logger, other = tensorboard(tmp_path), Metrics()
+    writer = Writer([logger, other])
+    x = torch.randn(40, generator=torch.Generator().manual_seed(5))
+    scalars = {"act/saturation/layer1": 0.25, "act/saturation/layer2": 0.5, "update_ratio/layer1.weight": -3.1,
+               "update_ratio/embedding.weight": -2.5, "update_ratio/output.weight": -3.4, "update_ratio/guide": -3.0}
+    writer.write(scalars, {"act/layer1": x, "param_grad/layer2.weight": x * 2}, 7, layers=LAYERS)
+    writer.scalars({"train/loss": 3.3, "final/saturation/layer1": 0.25}, 7)  # no layers given: the run itself
+    assert subrun_tags(tmp_path) == {
+        "embedding": ({"update_ratio/weight"}, set()),
+        "layer1": ({"act/saturation", "update_ratio/weight"}, {"act"}),
+        "layer2": ({"act/saturation"}, {"param_grad/weight"}),
+        "output": ({"update_ratio/weight"}, set())}
+    own = read(tmp_path)
+    assert set(own.Tags()["scalars"]) == {"update_ratio/guide", "train/loss", "final/saturation/layer1"}
+    assert not own.Tags()["histograms"]
+    assert [(e.step, e.value) for e in read(tmp_path / "layer2").Scalars("act/saturation")] == [(7, 0.5)]
+    assert other.logged == [(7, scalars), (7, {"train/loss": 3.3, "final/saturation/layer1": 0.25})]  # flat tags
+
+    from actgrad import events  # the project's reader: the flat tags again
+
+    flat = events.read(tmp_path)
+    assert set(flat.Tags()["scalars"]) == set(scalars) | {"train/loss", "final/saturation/layer1"}
+    assert set(flat.Tags()["histograms"]) == {"act/layer1", "param_grad/layer2.weight"}
+    assert events.scalars(tmp_path)["update_ratio/layer1.weight"] == [(7, pytest.approx(-3.1))]
+    check_histogram(histogram(flat, "param_grad/layer2.weight", 7), (x * 2).double().numpy())
+
+
+def test_subrun_files_sort_after_the_loggers_and_name_each_flat_tag_once(tmp_path):
+    logger = tensorboard(tmp_path)
+    writer = Writer([logger])
+    for step in range(3):
+        writer.scalars({"act/std/layer1": 1.0 + step}, step, layers={"layer1"})
+    (torch_file,) = [p.name for p in tmp_path.iterdir() if p.name.startswith("events") and not p.name.endswith(".actgrad")]
+    assert [p.name for p in (tmp_path / "layer1").iterdir()] == [torch_file + ".actgrad"]
+    named = [[v.metadata.plugin_data.content for v in event.summary.value]
+             for event in LegacyEventFileLoader(str(tmp_path / "layer1" / (torch_file + ".actgrad"))).Load()
+             if event.HasField("summary")]
+    assert named == [[b"act/std/layer1"], [b""], [b""]]  # the first value only: TensorBoard keeps the first
+
+
+def test_a_resumed_runs_subruns_drop_what_the_killed_attempt_wrote_past_its_checkpoint(tmp_path):
+    first = Writer([tensorboard(tmp_path)])
+    for step in range(10):
+        first.write({"act/std/layer1": float(step), "act/std/layer2": float(step)}, {"act/layer1": torch.arange(3.0) + step},
+                    step, layers={"layer1", "layer2"})
+    time.sleep(1.01 - time.time() % 1)  # another second: the attempts' files sort by time, as a resumed process's do
+    second = Writer([tensorboard(tmp_path, purge_step=6)])  # resumed from step 6, as actgrad.experiment does
+    for step in range(6, 8):  # layer2 is not written again: its subrun drops steps 6-9 all the same
+        second.write({"act/std/layer1": 100.0 + step}, {"act/layer1": torch.arange(3.0) - step}, step, layers={"layer1"})
+    layer1, layer2 = read(tmp_path / "layer1"), read(tmp_path / "layer2")
+    assert [(e.step, e.value) for e in layer1.Scalars("act/std")] == [(s, float(s)) for s in range(6)] + [(6, 106.0), (7, 107.0)]
+    assert [(e.step, e.histogram_value.min) for e in layer1.Histograms("act")] == [(s, s) for s in range(6)] + [(6, -6), (7, -7)]
+    assert [e.step for e in layer2.Scalars("act/std")] == list(range(6))
+
+    from actgrad import events
+
+    assert [s for s, _ in events.scalars(tmp_path)["act/std/layer2"]] == list(range(6))
+
+
+def test_without_crc32c_subruns_go_through_a_file_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_module, "crc32c", None)
+    logger = tensorboard(tmp_path)
+    Writer([logger]).write({"act/std/layer1": 0.5, "train/loss": 3.0}, {}, 2, layers={"layer1"})
+    logger.experiment.flush()
+    from actgrad import events
+
+    assert events.scalars(tmp_path) == {"act/std/layer1": [(2, 0.5)], "train/loss": [(2, 3.0)]}
+    assert [(e.step, e.value) for e in read(tmp_path / "layer1").Scalars("act/std")] == [(2, 0.5)]
