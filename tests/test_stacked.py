@@ -134,6 +134,7 @@ def test_each_member_equals_its_single_run(optimizer, lrs, names_txt, tmp_path):
     assert a["actgrad"]["config_hash"] == b["actgrad"]["config_hash"]
     # what a person looks at is a single run's: the same tags
     assert events.scalars(member).keys() == events.scalars(single).keys()
+    assert [p.name for p in events.subruns(member)] == ["embedding", "layer1", "output"]  # a TensorBoard run per layer
     assert (member / ".hydra" / "overrides.yaml").is_file() and (member / "run.yaml").is_file()
 
 
@@ -196,6 +197,9 @@ def test_a_stopped_group_resumes_and_a_member_resumes_alone(names_txt, tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "resuming from" in single.stderr + single.stdout
     assert_same_run(sweep / "init=kaiming", alone)
+    for run in (sweep / "init=naive", sweep / "init=kaiming", alone):  # each layer's subrun purged at the resume too
+        steps = [s for s, _ in events.scalars(run)["act/saturation/layer1"]]
+        assert steps == sorted(set(steps)) and steps[-1] == 7999, steps
     # and a rerun of the finished sweep trains nothing
     again = run_cli("-m", *ONE_GROUP, *common, "init=naive,kaiming", f"hydra.sweep.dir={sweep}")
     assert "0 completed, 2 already completed" in again.stderr + again.stdout

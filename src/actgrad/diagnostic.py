@@ -21,9 +21,12 @@ at the snapshot's step. Override `observe` instead to keep state across steps (f
 use Lightning's own hooks (`on_train_end`: the end of training) for work that is not a step's.
 `self.writer` (actgrad.writer.Writer) writes to the run's loggers; it is set when fit starts.
 
-Tags read `quantity/statistic/where`, e.g. act/saturation/layer1 or param_grad/std/layer2.weight;
-`charts` puts every layer of a quantity in one TensorBoard custom-scalars chart. TensorBoard colours
-the lines of such a chart by run and tells the tags of one run apart by their marker shape.
+Tags read `quantity/statistic/where`, e.g. act/saturation/layer1 or param_grad/std/layer2.weight.
+TensorBoard colours lines by run, so a tag whose `where` is a layer of the snapshot (or one of its
+parameters) goes to that layer's own run, a subdirectory of the run dir, under the quantity:
+act/saturation of run <run>/layer1, param_grad/std/weight of <run>/layer2 (actgrad.writer; other
+loggers and actgrad.events keep the flat tags). A `charts` regex matches those tags, e.g.
+"act/saturation$" or "grad_norm/.*": one custom-scalars chart per quantity, a colour per layer.
 """
 
 import lightning as L
@@ -83,15 +86,17 @@ START_HERE = """**What this run logs, and what healthy looks like** (the lecture
 |---|---|---|
 | `init/loss`, `init/uniform_loss` | the loss before the first step, and ln(V) | about equal (ln 27 = 3.30); far higher: the output layer starts confidently wrong |
 | `train/loss`, `val/loss` | mean of each logging interval; the whole validation split | going down together; val far above train: overfitting |
-| `act/saturation/layerN` | share of outputs where the nonlinearity is flat (tanh: abs(t) > 0.97) | a few percent; tens of percent: the layer's input is too large |
+| `act/saturation` | share of outputs where the nonlinearity is flat (tanh: abs(t) > 0.97) | a few percent; tens of percent: the layer's input is too large |
 | `act/std`, `preact/std` | spread of each layer's output and input | similar across layers (tanh with gain 5/3 keeps it near 1 at init) |
 | `act_grad/std` | the gradient at each layer's output | similar across layers: nothing vanishes or explodes with depth |
 | `param_grad/data_ratio` | std(grad) / std(weight) | similar across weights |
-| `update_ratio/...` | log10(std(update) / std(weight)) per step; `update_ratio/guide` is the -3 line | about -3; far below: learns too slowly; above -2: too fast |
+| `update_ratio/weight` | log10(std(update) / std(weight)) per step; `update_ratio/guide` is the -3 line | about -3; far below: learns too slowly; above -2: too fast |
 | HISTOGRAMS, IMAGES | whole distributions per layer, the start beside later steps | no pile-up at +-1 (tanh), no collapse to 0 |
 
+Each layer is a run of its own, `<this run>/layer1`, `<this run>/embedding`, ... (a subdirectory),
+so a card or chart per quantity draws a line, and a colour, per layer: type this run's name in the
+runs filter to see its layers alone. The losses, `init/*`, `final/*` and the guide are this run's own.
 Set smoothing to 0 and untick "Ignore outliers in chart scaling" (TIME SERIES: Settings; SCALARS and
-CUSTOM SCALARS: the left pane): both hide a bad start. CUSTOM SCALARS has one chart per quantity
-(the loss first) to compare runs: a line's colour is its run; the layers of a run share it and differ
-only by a marker shape, named in the chart's "Matches" list. The IMAGES figures give each layer a colour.
+CUSTOM SCALARS: the left pane): both hide a bad start. CUSTOM SCALARS has one chart per quantity, the
+loss first. The IMAGES figures draw each layer's whole distribution, the start beside later steps.
 The HPARAMS tab compares runs by the choices made (init, norm, optimizer, overridden values)."""
