@@ -26,7 +26,8 @@ layer names; diagnostics pass them) split: losses, init/* and final/* stay in th
 loggers other than TensorBoard keep the flat tags. The first value of a tag in a subrun's file
 names its flat tag (actgrad.events reads them back under it). A subrun's file is named after its
 logger's file and starts with that file's purge marker, so a resumed run drops what the killed
-attempt wrote past its checkpoint in subruns too.
+attempt wrote past its checkpoint in subruns too. Without `crc32c`, a torch FileWriter per subrun
+writes its events (flushed at each one).
 """
 
 import math
