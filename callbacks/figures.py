@@ -26,7 +26,7 @@ def overlay(title: str, xlabel: str, curves: dict, start=None):
     from matplotlib.figure import Figure  # no pyplot: no global state, no window
 
     panels = ([start] if start else []) + [(title, curves)]
-    figure = Figure(figsize=(7 * len(panels), 4.5), dpi=80)  # >= 1,000 px wide in TensorBoard
+    figure = Figure(figsize=(14, 4.5), dpi=80)  # 1,120 px wide, one panel or two: legible in TensorBoard
     axes = figure.subplots(1, len(panels), sharex=True, sharey=True, squeeze=False)[0]
     for ax, (panel_title, panel) in zip(axes, panels):
         for label, values in panel.items():
