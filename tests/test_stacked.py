@@ -1,6 +1,7 @@
 """hydra/launcher=stacked: runs of one shape trained as one stacked model, each member a normal run."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -312,3 +313,18 @@ def test_an_optuna_search_stacks_each_batch_of_trials(small_names, tmp_path):
     assert len(statuses) == 4 and all(s["status"] == "completed" for s in statuses.values())
     best = (tmp_path / "optimization_results.yaml").read_text()
     assert "best_value" in best
+
+
+def test_each_group_shows_a_bar_and_its_members_end_lines(small_names, tmp_path):
+    """Two groups in two worker processes: each draws its own bar on a line of its own (job number modulo
+    n_jobs) and says where each member wrote, as a single run does; the workers start without Hydra's logging."""
+    proc = run_cli("-m", "hydra/launcher=stacked", "hydra.launcher.n_jobs=2", *TINY, f"data.path={small_names}",
+                   "trainer.enable_progress_bar=true", "init=naive,kaiming", "norm=none,batchnorm",
+                   f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "as 2 groups" in out
+    for group in ("init=naive,norm=none", "init=naive,norm=batchnorm"):
+        assert re.search(rf"{re.escape(group)} \+1 stacked: 100%\|.*\| 40/40", out), out[-3000:]
+    for run in ("init=naive,norm=none", "init=kaiming,norm=none", "init=naive,norm=batchnorm", "init=kaiming,norm=batchnorm"):
+        assert f"run {tmp_path / run}: completed at step 40" in out

@@ -177,8 +177,9 @@ def fit_logged(members: list[Member], logs: MemberLogs) -> list[dict]:
         m.writer = Writer(m.loggers)
     module = StackedModule(members, stop=StopRequest(experiment.sweep_stop_file()), logs=logs)
     callbacks = [MemberHooks(module), instantiate(first.checkpoints.last, dirpath=str(members[0].run.path / "checkpoints"))]
-    trainer = instantiate(first.trainer, logger=False, callbacks=callbacks, plugins=[StackedCheckpointIO(module)],
-                          enable_progress_bar=False)
+    bar = progress_bar(members)
+    trainer = instantiate(first.trainer, logger=False, callbacks=callbacks + ([bar] if bar else []),
+                          plugins=[StackedCheckpointIO(module)], enable_progress_bar=bar is not None)
     for m in members:
         hydra_of(m.full)
         origin = experiment.begin(m.cfg, m.run, m.module, m.start, trainer.strategy.root_device, stacked=len(members))
@@ -208,6 +209,17 @@ def fit_logged(members: list[Member], logs: MemberLogs) -> list[dict]:
             out.append(end_member(m, trainer, module, status))
     module.stop.hand_over()  # under SLURM, preempted: submitit requeues the group (it resumes) and exits here
     return out
+
+
+def progress_bar(members: list[Member]):
+    """The group's one bar (the configured one, named after the group), or None when bars are off. Groups
+    training at once each take a line of their own: the first member's job number modulo the launcher's n_jobs."""
+    first = members[0]
+    if not (first.cfg.trainer.enable_progress_bar and first.cfg.get("progress_bar")):
+        return None
+    n_jobs = OmegaConf.select(first.full, "hydra.launcher.n_jobs", default=None) or 1
+    position = OmegaConf.select(first.full, "hydra.job.num", default=0) % max(1, int(n_jobs))
+    return instantiate(first.cfg.progress_bar, description=f"{first.run.path.name} +{len(members) - 1} stacked", process_position=position)
 
 
 def end_member(m: Member, trainer, module, status: dict) -> dict:

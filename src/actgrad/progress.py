@@ -21,16 +21,17 @@ NO_TOTAL = "{desc}: {n:,} [{elapsed}{postfix}]"  # max_steps=-1: no end to show
 
 
 class StepProgressBar(TQDMProgressBar):
-    def __init__(self, refresh_seconds: float = 0.25, process_position: int = 0, clock=time.monotonic):
+    def __init__(self, refresh_seconds: float = 0.25, process_position: int = 0, description: str = "train",
+                 clock=time.monotonic):
         super().__init__(refresh_rate=1, process_position=process_position)
-        self.refresh_seconds = refresh_seconds
+        self.refresh_seconds, self.description = refresh_seconds, description
         self.clock = clock  # a test gives a fake one
         self.shown = (0, 0.0)  # (step, time) of the last redraw: steps/s is measured between redraws
         self.rate = None
 
     @property
     def train_description(self) -> str:
-        return "train"
+        return self.description
 
     def init_train_tqdm(self):
         trainer = self.trainer
@@ -38,7 +39,7 @@ class StepProgressBar(TQDMProgressBar):
         total = max(trainer.max_steps, trainer.global_step) if trainer.max_steps > 0 else None
         # initial: a resumed run starts at its step, and tqdm's ETA counts only this attempt's steps
         return tqdm(desc=self.train_description, initial=trainer.global_step, total=total,
-                    bar_format=STEPS if total else NO_TOTAL, position=2 * self.process_position,
+                    bar_format=STEPS if total else NO_TOTAL, position=self.process_position,
                     disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout)
 
     # the module validates itself; a Lightning validation loop, if any, gets no bar of its own

@@ -123,6 +123,7 @@ def run_group(hydra_context, task_function, configs: list[DictConfig], singleton
         HydraConfig.instance().set_config(configs[0])
         return [run_job(hydra_context=hydra_context, task_function=task_function, config=configs[0],
                         job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")]
+    configure_log(configs[0].hydra.hydra_logging, configs[0].hydra.verbose)  # a worker starts bare: lines to the terminal
     with free_gpu(configs):
         return train_stacked(hydra_context, task_function, configs)
 
