@@ -80,8 +80,8 @@ def bare_steps(members: int, norm: bool, steps: int = 2000) -> tuple[float, floa
         optimizer = SGD(net.parameters(), lr=0.1)
 
         def step():
-            logits = net(x)
-            loss = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(shape).mean(-1).sum()
+            logits = net(x)  # one model: (batch, vocab); stacked: (members, vocab, batch)
+            loss = F.cross_entropy(logits, y, reduction="none").mean(-1).sum()
             optimizer.clear_grads()
             loss.backward()
             optimizer.update()

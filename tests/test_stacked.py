@@ -47,12 +47,12 @@ def test_a_stacked_forward_and_backward_equal_each_member_alone(norm):
     stacked = StackedMLP(members)
     x = torch.randint(0, 27, (3, 32, 3))
     y = torch.randint(0, 27, (3, 32))
-    logits = stacked(x)
-    losses = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(3, 32).mean(1)
+    logits = stacked(x)  # (members, vocab, batch)
+    losses = nn.functional.cross_entropy(logits, y, reduction="none").mean(1)
     losses.sum().backward()
     for i, net in enumerate(members):
         alone = net(x[i])
-        torch.testing.assert_close(logits[i], alone, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(logits[i].T, alone, rtol=1e-6, atol=1e-6)
         nn.functional.cross_entropy(alone, y[i]).backward()
         for name, p in net.named_parameters():
             torch.testing.assert_close(dict(stacked.named_parameters())[name].grad[i], p.grad, rtol=1e-5, atol=1e-7)

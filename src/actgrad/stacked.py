@@ -27,7 +27,7 @@ from actgrad.diagnostic import START_HERE, Diagnostic, layout
 from actgrad.grouping import MEMBER_NUMBERS
 from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, remember
 from actgrad.rundir import RunDir
-from actgrad.snapshot import Recorder
+from actgrad.snapshot import Recorder, Snapshot
 from actgrad.stacked_mlp import StackedMLP, member_state, stack_states
 from actgrad.writer import Writer
 
@@ -163,6 +163,14 @@ class StackedBatches:
             yield xs, ys
 
 
+def batch_major(snapshot: Snapshot) -> Snapshot:
+    """The layers of a stacked snapshot as a single run has them, (members, batch, features): StackedMLP's
+    activations are feature-major. Views, no copies."""
+    t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
+    return replace(snapshot, layers={name: replace(layer, pre=t(layer.pre), out=t(layer.out), grad=t(layer.grad))
+                                     for name, layer in snapshot.layers.items()})
+
+
 class StackedModule(L.LightningModule):
     """The training loop of module.LanguageModel (its fast path), for a stack of members."""
 
@@ -267,7 +275,7 @@ class StackedModule(L.LightningModule):
             recorder = Recorder(self.net, set().union(*(d.needs for _, ds in watching for d in ds))) if watching else None
             losses = self.step_once(xs[i], ys[i], recorder)
             if watching:
-                snapshot = recorder.snapshot(step, losses, 0.0)
+                snapshot = batch_major(recorder.snapshot(step, losses, 0.0))
                 lrs = self.member_lrs()
                 for j, ds in watching:
                     mine = replace(snapshot.member(j), lr=lrs[j])
@@ -289,7 +297,7 @@ class StackedModule(L.LightningModule):
         if recorder:
             recorder.start()
         logits = self.net(x)
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        losses = F.cross_entropy(logits, y, reduction="none").mean(1)  # logits (members, vocab, batch)
         optimizer.clear_grads()
         losses.sum().backward()  # member m's gradient is that of its own mean loss
         if recorder:
@@ -351,9 +359,8 @@ class StackedModule(L.LightningModule):
         total = 0
         for xc, yc in zip(x.split(chunk), y.split(chunk)):
             xc, yc = xc.to(self.device).long(), yc.to(self.device).long()
-            logits = self.net(xc.expand(members, *xc.shape))
-            total = total + F.cross_entropy(logits.flatten(0, 1), yc.repeat(members), reduction="none").view(
-                members, -1).sum(1)
+            logits = self.net(xc.expand(members, *xc.shape))  # (members, vocab, chunk)
+            total = total + F.cross_entropy(logits, yc.expand(members, -1), reduction="none").sum(1)
         self.net.train(was_training)
         return total / len(y)
 
