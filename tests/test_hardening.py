@@ -136,7 +136,7 @@ def test_event_files_grow_linearly_with_logged_points(small_names, tmp_path):
         cfg = make_config(*[o for o in TINY if not o.startswith("callbacks=")], f"trainer.max_steps={steps}",
                           f"data.path={small_names}", "callbacks=full")
         train(cfg, run_dir)
-        return sum(p.stat().st_size for p in run_dir.glob("events.out.tfevents.*"))
+        return sum(p.stat().st_size for p in run_dir.rglob("events.out.tfevents.*"))  # the run and its layers' subruns
 
     s100, s200, s400 = size(100), size(200), size(400)
     growth = (s400 - s200) / (s200 - s100)  # twice the steps logged, twice the bytes
