@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from actgrad.writer import Writer
 
 
+class Reached(Exception):
+    """Raised by the hook at a norm's input: the forward pass has computed all that `moments` needs."""
+
+
 class BNCalibration(L.Callback):
     def __init__(self, chunk: int = 4096):
         self.chunk = chunk  # examples per forward pass: the splits are stored compact, the model takes int64
@@ -78,10 +82,17 @@ class BNCalibration(L.Callback):
             m2 = m2 + ((h - h_mean) ** 2).sum(0) + delta ** 2 * count * n / total
             count = total
 
-        handle = norm.register_forward_pre_hook(take)
+        def stop(module, inputs):
+            take(module, inputs)
+            raise Reached  # the rest of the forward pass (tanh, the layers after) is not needed
+
+        handle = norm.register_forward_pre_hook(stop)
         try:
             for xc in x.split(self.chunk):
-                net(xc.to(device).long())
+                try:
+                    net(xc.to(device).long())
+                except Reached:
+                    pass
         finally:
             handle.remove()
         return mean, m2 / (count - 1)
