@@ -348,7 +348,7 @@ def end_line(path: Path, results: dict, loggers) -> str:
     line = f"run {shown(path)}: {results['status']} at step {results.get('steps', 0):,}" + (f"; loss {losses}" if losses else "")
     if results.get("error") and results["status"] != "diverged":  # a diverged run's error was said when it happened
         line += f" ({results['error']})"
-    look = [f"tensorboard --logdir {shown(path)}" for lg in loggers if isinstance(lg, TensorBoardLogger)][:1]
+    look = [f"tensorboard --logdir {shown(path)}, then {sweep.BOARD_URL}" for lg in loggers if isinstance(lg, TensorBoardLogger)][:1]
     look += [shown(Path(lg.log_dir) / "metrics.csv") for lg in loggers if isinstance(lg, CSVLogger)]
     return line + ("\nlook at it: " + "; ".join(look) if look else "")
 

@@ -25,6 +25,8 @@ from actgrad.rundir import MADE_BY_RESOLVER, last_attempt, missing_dirs
 from actgrad.stop import STOP_FILE
 
 log = logging.getLogger(__name__)
+# TensorBoard's default port; the query turns its smoothing (0.6 by default, which hides a bad start) off
+BOARD_URL = "http://localhost:6006/?smoothing=0#timeseries"
 
 
 def swept_overrides() -> str:
@@ -118,7 +120,8 @@ class SweepSummary(Callback):
             if attempt.get("outcome") not in ("completed", "already completed"):
                 log.info("  %s: %s at step %s %s", name, attempt.get("outcome"), attempt.get("steps"), attempt.get("error") or "")
         if counts["completed"] or counts["already completed"] or counts["diverged"]:
-            log.info("look at it: tensorboard --logdir %s; its loss table: python scripts/report.py %s", sweep_dir, sweep_dir)
+            log.info("look at it: tensorboard --logdir %s, then %s; its loss table: python scripts/report.py %s",
+                     sweep_dir, BOARD_URL, sweep_dir)
         if counts["interrupted"] or self.signum is not None:
             log.info("resume the sweep with the same command and hydra.sweep.dir=%s", sweep_dir)
             names = [a.get("signal") for a in attempts.values() if a.get("signal")]
