@@ -46,7 +46,7 @@ from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.writer import FileWriter
 
-from actgrad.events import SUBRUN_PLUGIN
+from actgrad.events import SUBRUN_PLUGIN, subruns
 
 try:
     from crc32c import crc32c  # C (hardware where there is one): the `crc32c` package
@@ -220,7 +220,7 @@ class EventFile:
             files = cls.files[writer] = {}
             cls.purges[writer] = purge_step(writer)
             if cls.purges[writer] is not None:  # resumed: every subrun drops the killed attempt's steps, written to now or not
-                for name in existing_subruns(writer.get_logdir()):
+                for name in (path.name for path in subruns(writer.get_logdir())):  # from earlier attempts
                     files[name] = cls.open(writer, name)
         if subrun not in files:
             files[subrun] = cls.open(writer, subrun)
@@ -266,12 +266,6 @@ def subrun(tag: str, layers) -> tuple[str, str] | None:
     if not quantity or layer not in layers:
         return None
     return layer, f"{quantity}/{param}" if param else quantity
-
-
-def existing_subruns(logdir: str) -> list[str]:
-    """The subdirectories of logdir that hold event files: its subruns from earlier attempts."""
-    return sorted(entry.name for entry in os.scandir(logdir) if entry.is_dir()
-                  and any(name.startswith("events.out.tfevents.") for name in os.listdir(entry.path)))
 
 
 def purge_step(writer) -> int | None:
