@@ -22,28 +22,61 @@ FIGURES = {  # tag: (title, x axis, legend statistics)
 
 def overlay(title: str, xlabel: str, curves: dict, start=None):
     """One density-histogram line per {legend label: tensor}, as the lecture draws them; with
-    `start` = (title, curves) of the first step, the two side by side on shared axes."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no window
-
+    `start` = (title, curves) of the first step, the two side by side on shared axes. The Figure is
+    one kept for figures of this shape and redrawn: valid until the next call with the same shape."""
     panels = ([start] if start else []) + [(title, curves)]
-    figure = Figure(figsize=(14, 4.5), dpi=80)  # 1,120 px wide, one panel or two: legible in TensorBoard
-    axes = figure.subplots(1, len(panels), sharex=True, sharey=True, squeeze=False)[0]
-    for ax, (panel_title, panel) in zip(axes, panels):
-        for label, values in panel.items():
-            values = values.detach().float().flatten().cpu()
-            finite = values[torch.isfinite(values)]
-            if len(finite) < len(values):  # drawn without them, and said so
-                label += f" ({len(values) - len(finite)} NaN/inf left out)"
-            if finite.numel():
-                density, edges = torch.histogram(finite, bins=50, density=True)
-                ax.plot(((edges[:-1] + edges[1:]) / 2).numpy(), density.numpy(), label=label)
-            else:
-                ax.plot([], [], label=label)
+    figure = blank(tuple(len(lines) for _, lines in panels))
+    for ax, (panel_title, panel) in zip(figure.axes, panels):
+        for line, text, (label, values) in zip(ax.get_lines(), ax.get_legend().get_texts(), panel.items()):
+            label, x, y = density(label, values)
+            line.set_data(x, y)
+            line.set_label(label)
+            text.set_text(label)
         ax.set_title(panel_title, fontsize=12)
         ax.set_xlabel(xlabel, fontsize=11)
-        ax.legend(fontsize=10, loc="upper right")
-    axes[0].set_ylabel("density", fontsize=11)
-    return with_margins(figure)
+        ax.relim()  # limits from this data alone, found when drawn, over both panels: as a new figure's
+        ax.autoscale()
+    return figure
+
+
+def density(label: str, values: torch.Tensor):
+    """(label, bin centres, density) of a 50-bin histogram; NaN and inf left out, and said so."""
+    values = values.detach().float().flatten().cpu()
+    finite = values[torch.isfinite(values)]
+    if len(finite) < len(values):
+        label += f" ({len(values) - len(finite)} NaN/inf left out)"
+    if not finite.numel():
+        return label, [], []
+    density, edges = torch.histogram(finite, bins=50, density=True)
+    return label, ((edges[:-1] + edges[1:]) / 2).numpy(), density.numpy()
+
+
+FIGURES_BY_SHAPE = {}  # (lines per panel, ...) -> Figure: building one costs a third of drawing it
+
+
+def blank(shape: tuple):
+    """The Figure of `shape` (one or two panels, sharing axes), its lines and legends made, data not set."""
+    if shape not in FIGURES_BY_SHAPE:
+        figure = new_figure()
+        axes = figure.subplots(1, len(shape), sharex=True, sharey=True, squeeze=False)[0]
+        for ax, n in zip(axes, shape):
+            for i in range(n):
+                ax.plot([], [], label=str(i))
+            ax.legend(fontsize=10, loc="upper right")
+        axes[0].set_ylabel("density", fontsize=11)
+        FIGURES_BY_SHAPE[shape] = with_margins(figure)
+    return FIGURES_BY_SHAPE[shape]
+
+
+def new_figure():
+    """1,120 x 360 px, one panel or two: legible in TensorBoard. No pyplot (no global state, no window);
+    an Agg canvas of its own, which keeps its renderer and text sizes between draws."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(14, 4.5), dpi=80)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def with_margins(figure):

@@ -615,3 +615,59 @@ def test_the_update_ratio_history_goes_into_checkpoints_as_one_tensor():
     empty = UpdateRatioFigure(every_n_steps=1)
     empty.load_state_dict(UpdateRatioFigure(every_n_steps=1).state_dict())
     assert empty.history == []
+
+
+def fresh_overlay(title, xlabel, curves, start):
+    """What figures.overlay drew before it kept its Figures: a new Figure, lines plotted, then legends."""
+    from matplotlib.figure import Figure
+
+    from callbacks.figures import with_margins
+
+    figure = Figure(figsize=(14, 4.5), dpi=80)
+    axes = figure.subplots(1, 2, sharex=True, sharey=True)
+    for ax, (panel_title, panel) in zip(axes, [start, (title, curves)]):
+        for label, values in panel.items():
+            density, edges = torch.histogram(values, bins=50, density=True)
+            ax.plot(((edges[:-1] + edges[1:]) / 2).numpy(), density.numpy(), label=label)
+        ax.set_title(panel_title, fontsize=12)
+        ax.set_xlabel(xlabel, fontsize=11)
+        ax.legend(fontsize=10, loc="upper right")
+    axes[0].set_ylabel("density", fontsize=11)
+    return with_margins(figure)
+
+
+def test_a_kept_figure_draws_each_figure_as_a_new_one(tmp_path):
+    """Two figures in a row of the same shape, the second on other scales: each image is, pixel for
+    pixel, that of a new Figure of its own data (limits, legends, titles), 1,120 x 360."""
+    import io
+
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    from callbacks.figures import overlay
+
+    g = torch.Generator().manual_seed(0)
+    start = ("activation distribution, step 0", {"layer1: std 1.00": torch.randn(500, generator=g),
+                                                 "layer2: std 0.10": 0.1 * torch.randn(500, generator=g)})
+    steps = {5: {"layer1: std 3.00": 3 * torch.randn(500, generator=g), "layer2: std 0.50": 0.5 * torch.randn(500, generator=g)},
+             9: {"layer1: std 0.01": 0.01 * torch.randn(500, generator=g), "layer2: std 0.02": 0.02 * torch.randn(500, generator=g) + 5}}
+    writer = Writer([TensorBoardLogger(save_dir=str(tmp_path), name="", version="")])
+    limits = []
+    for step, curves in steps.items():
+        figure = overlay(f"activation distribution, step {step}", "layer output", curves, start=start)
+        writer.figure("figures/act", figure, step)
+        limits.append([(ax.get_xlim(), ax.get_ylim()) for ax in figure.axes])
+        assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figure.axes] == [list(start[1]), list(curves)]
+    writer.loggers[0].experiment.flush()
+    images = read_events(tmp_path).Images("figures/act")
+    assert [i.step for i in images] == [5, 9]
+    assert limits[0] != limits[1]  # the second figure's limits are its own
+    for image, (step, curves), kept_limits in zip(images, steps.items(), limits):
+        expected = fresh_overlay(f"activation distribution, step {step}", "layer output", curves, start)
+        canvas = FigureCanvasAgg(expected)
+        canvas.draw()
+        assert kept_limits == [(ax.get_xlim(), ax.get_ylim()) for ax in expected.axes]
+        pixels = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+        assert (image.width, image.height) == (1120, 360) and pixels.shape == (360, 1120, 3)
+        assert np.array_equal(pixels, np.asarray(canvas.buffer_rgba())[..., :3])

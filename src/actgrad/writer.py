@@ -30,6 +30,7 @@ attempt wrote past its checkpoint in subruns too. Without `crc32c`, a torch File
 writes its events (flushed at each one).
 """
 
+import io
 import math
 import os
 import socket
@@ -39,6 +40,7 @@ import weakref
 from contextlib import contextmanager
 from itertools import chain
 
+import numpy
 import torch
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
@@ -168,14 +170,29 @@ class Writer:
         return runs
 
     def figure(self, tag: str, figure, step: int) -> None:
-        """A matplotlib figure, to every logger that shows images."""
-        for logger in self.loggers:
+        """A matplotlib figure, drawn once (Agg) and sent as that image to every logger that shows images:
+        the caller may redraw the Figure afterwards."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from PIL import Image
+
+        loggers = [logger for logger in self.loggers if isinstance(logger, (TensorBoardLogger, WandbLogger, MLFlowLogger))]
+        if not loggers:
+            return
+        canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+        canvas.draw()
+        image = Image.fromarray(numpy.asarray(canvas.buffer_rgba())[..., :3])  # a copy, without the (opaque) alpha
+        encoded = io.BytesIO()  # PNG at zlib level 1: half the time of add_image's level 6, 5-15% larger
+        image.save(encoded, format="PNG", compress_level=1)
+        png = Summary.Image(height=image.height, width=image.width, colorspace=3, encoded_image_string=encoded.getvalue())
+        for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(tag, figure, step, close=False)
+                writer = logger.experiment
+                if writer.file_writer is not None:  # open
+                    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
             elif isinstance(logger, WandbLogger):
-                logger.log_image(tag, [figure], step=step)
-            elif isinstance(logger, MLFlowLogger):  # an artifact per step: MLflow has no images by step
-                logger.experiment.log_figure(logger.run_id, figure, f"{tag}/step_{step:08d}.png")
+                logger.log_image(tag, [image], step=step)
+            else:  # MLflow: an artifact per step, it has no images by step
+                logger.experiment.log_image(logger.run_id, image, f"{tag}/step_{step:08d}.png")
 
     def charts(self, layout: dict) -> None:
         """TensorBoard's custom-scalars layout: {category: {chart title: [tag regex, ...]}}."""
