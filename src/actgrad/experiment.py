@@ -270,12 +270,9 @@ def fit(cfg, run: RunDir, data, module, start, trainer) -> dict:
     return results
 
 
-SPLITS = ("train", "val", "test")
-
-
-def finish(cfg, trainer, module, data, results, losses: dict | None = None) -> None:
-    """The final losses on every split, written at the final step (`losses`: already evaluated, by a stack)."""
-    losses = losses or {split: module.evaluate(*data.splits[split]) for split in SPLITS}
+def finish(cfg, trainer, module, data, results) -> None:
+    """The final losses on every split, written at the final step."""
+    losses = {split: module.evaluate(*data.splits[split]) for split in ("train", "val", "test")}
     end = {"test/loss": losses["test"]}
     if trainer.global_step % cfg.val_every_n_steps:  # the loop validated at every multiple already
         end["val/loss"] = losses["val"]

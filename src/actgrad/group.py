@@ -203,20 +203,12 @@ def fit_logged(members: list[Member], logs: MemberLogs) -> list[dict]:
     except Exception as e:  # the whole group failed: every member says why
         log.exception("stacked group failed")
         status = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    finals = final_losses(module, data, trainer) if status["status"] == "completed" else {}
     out = []
     for j, m in enumerate(members):
         with logs.only(j):
-            out.append(end_member(m, trainer, module, status, {split: losses[j] for split, losses in finals.items()}))
+            out.append(end_member(m, trainer, module, status))
     module.stop.hand_over()  # under SLURM, preempted: submitit requeues the group (it resumes) and exits here
     return out
-
-
-def final_losses(module: StackedModule, data: StackedData, trainer) -> dict:
-    """{split: every member's final loss}, one stacked evaluation a split; {} if the group stopped early."""
-    if trainer.global_step < trainer.max_steps:
-        return {}
-    return {split: module.evaluate(*data.splits[split]) for split in experiment.SPLITS}
 
 
 def progress_bar(members: list[Member]):
@@ -230,7 +222,7 @@ def progress_bar(members: list[Member]):
     return instantiate(first.cfg.progress_bar, description=f"{first.run.path.name} +{len(members) - 1} stacked", process_position=position)
 
 
-def end_member(m: Member, trainer, module, status: dict, losses: dict) -> dict:
+def end_member(m: Member, trainer, module, status: dict) -> dict:
     """A member's end, as a single run's: final losses, TensorBoard's last words, status and attempt."""
     hydra_of(m.full)
     view = MemberTrainer(trainer, m)
@@ -240,7 +232,7 @@ def end_member(m: Member, trainer, module, status: dict, losses: dict) -> dict:
         results = {"status": "interrupted", "steps": trainer.global_step,
                    "signal": signal.Signals(module.stop.signum).name}
     if results["status"] == "completed":
-        experiment.finish(m.cfg, view, m.module, m.data, results, losses)
+        experiment.finish(m.cfg, view, m.module, m.data, results)
     board = next((lg for lg in m.loggers if isinstance(lg, TensorBoardLogger)), None)
     experiment.write_end(view, board, m.cfg, results, latest=m.writer.latest)
     m.run.write_status(results)
