@@ -262,7 +262,7 @@ def fit(cfg, run: RunDir, data, module, start, trainer) -> dict:
         finish(cfg, trainer, module, data, results)
     if results["status"] != "failed" or not results["error"].startswith("OSError"):  # a disk that failed once is
         board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)  # not written to again
-        write_end(trainer, board, cfg, results, latest=module.writer.latest)
+        write_end(trainer, board if start.step else None, cfg, results, latest=module.writer.latest)
     run.write_status(results)
     run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
                      "signal": results.get("signal")})
@@ -286,7 +286,8 @@ def finish(cfg, trainer, module, data, results) -> None:
 
 def final_values(board, results: dict, latest: dict | None = None) -> dict:
     """final/* at the final step: the losses, the step, the diverged step, each layer's last saturation
-    (from the TensorBoard logger `board`'s events, which hold earlier attempts' too; else from `latest`)."""
+    (from the TensorBoard logger `board`'s events, which hold earlier attempts' too, given for a resumed
+    attempt; else from `latest`, what this attempt wrote: reading a long run's events back takes ~0.1-0.5 s)."""
     step = results["steps"]
     finals = {k: v for k, v in results.items() if k.startswith("final/")} | {"final/steps": step}
     if results["status"] == "diverged":

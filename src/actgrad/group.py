@@ -234,7 +234,7 @@ def end_member(m: Member, trainer, module, status: dict) -> dict:
     if results["status"] == "completed":
         experiment.finish(m.cfg, view, m.module, m.data, results)
     board = next((lg for lg in m.loggers if isinstance(lg, TensorBoardLogger)), None)
-    experiment.write_end(view, board, m.cfg, results, latest=m.writer.latest)
+    experiment.write_end(view, board if m.start.step else None, m.cfg, results, latest=m.writer.latest)
     m.run.write_status(results)
     m.run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
                        "stacked": len(module.members)})
