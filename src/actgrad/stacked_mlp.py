@@ -54,10 +54,15 @@ class StackedEmbedding(nn.Module):
         return rows.view(*idx.shape, n_embd)
 
 
+def sigmoid_tanh(x):
+    """tanh(x) as 2 sigmoid(2x) - 1, in one new tensor."""
+    return x.mul(2).sigmoid_().mul_(2).sub_(1)
+
+
 class CPUTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        y = x.mul(2).sigmoid_().mul_(2).sub_(1)
+        y = sigmoid_tanh(x)
         ctx.save_for_backward(y)
         return y
 
@@ -77,7 +82,7 @@ class Tanh(nn.Tanh):
             return torch.tanh(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return CPUTanh.apply(x)
-        return x.mul(2).sigmoid_().mul_(2).sub_(1)
+        return sigmoid_tanh(x)
 
 
 class StackedBatchNorm(nn.Module):
