@@ -67,4 +67,8 @@ if __name__ == "__main__":
         check_writable(sys.argv[1:])
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a sweep's second Ctrl-C: its jobs have recorded `interrupted`
+        print("stopped at once by a second Ctrl-C; the same command resumes from the last checkpoints", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -49,3 +49,11 @@ def composer():
     """compose(*overrides) for many configs under one Hydra initialisation (much faster)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
+
+
+def read_statuses(sweep_dir: Path) -> dict:
+    """{job: its status.yaml} of every run under a sweep dir."""
+    import yaml
+
+    return {str(p.parent.relative_to(sweep_dir)): yaml.safe_load(p.read_text()) or {}
+            for p in sorted(Path(sweep_dir).glob("**/status.yaml"))}

@@ -13,6 +13,7 @@ from actgrad.checks import ConfigError
 from actgrad.experiment import train
 
 from conftest import TINY, make_config
+from test_fast_path import StopAt
 from test_train import run_cli, scalars
 
 LONG = ["trainer.max_steps=30000", "steps_per_batch=100", "log_every_n_steps=100", "val_every_n_steps=1000",
@@ -70,10 +71,47 @@ def bad_input(tmp_path, *overrides):
         ("data.block_size=-1", "data.block_size=-1: must be a positive whole number"),
         ("trainer.max_steps=0", "trainer.max_steps=0: must be a number > 0"),
         ("model.activation=swish", "model.activation='swish': accepted values are tanh"),
+        ("seed=-5", "seed=-5: must be a whole number from 0 to 4294967295"),
+        ("threads=-1", "threads=-1: must be a whole number >= 0"),
+        ("jobs_per_gpu=0", "jobs_per_gpu=0: must be a whole number >= 1"),
+        # the optimizer is built before anything is written, not first inside fit
+        ("optimizer.momentum=-0.5", "optimizer.momentum=-0.5: invalid momentum, must be a number >= 0"),
+        ("+optimizer.nesterov=true", "optimizer.nesterov=True: Nesterov momentum requires a momentum > 0"),
+        ("+optimizer.foo=1", "optimizer: SGD.__init__() got an unexpected keyword argument 'foo'"),
     ],
 )
 def test_bad_settings_are_one_line_and_leave_nothing(override, says, small_names, tmp_path):
     assert says in bad_input(tmp_path, override, f"data.path={small_names}")
+
+
+def test_a_resume_says_nothing_of_tensorboards_purge(small_names, tmp_path, caplog):
+    cfg = make_config(*TINY, f"data.path={small_names}", "checkpoint_every_n_steps=10")
+    assert train(cfg, tmp_path, extra_callbacks=[StopAt(20)])["status"] == "interrupted"
+    assert train(cfg, tmp_path)["status"] == "completed"  # its end reads the events back, purged from step 20
+    assert "Detected out of order event.step" not in caplog.text
+
+
+# Lightning's note on resuming a loader it cannot save (a stacked group's), word for word, and TensorBoard's
+# reader's on a purge. pytest sets its own warning filters for each test: the import's are seen in a process.
+QUIET = """
+import logging, warnings
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+import actgrad.experiment
+warnings.warn("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
+              "resumable. This can cause unreliable results if further training is done. Consider using an "
+              "end-of-epoch checkpoint or make your dataloader resumable by implementing the `state_dict` / "
+              "`load_state_dict` interface.", PossibleUserWarning)
+logging.basicConfig(format="%(message)s")
+logging.getLogger("tensorboard").warning("Detected out of order event.step likely caused by a TensorFlow restart. "
+                                         "Purging expired events from Tensorboard display between the previous "
+                                         "step: -1 (timestamp: -1) and current step: 20 (timestamp: 1.0).")
+logging.getLogger("tensorboard").warning("any other warning of TensorBoard's")
+"""
+
+
+def test_lightnings_loader_note_and_tensorboards_purge_note_are_filtered_and_nothing_else():
+    proc = subprocess.run([sys.executable, "-c", QUIET], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.splitlines() == ["any other warning of TensorBoard's"], proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import actgrad
 from actgrad.checkpoint import load as read_checkpoint
 from actgrad.data import VOCAB
 from actgrad.experiment import build, train
+from actgrad.model import MLP
 from actgrad.module import LanguageModel
 from actgrad.run import Run
 
@@ -183,3 +184,128 @@ def test_import_actgrad_stays_light():
             "from actgrad import load; assert load is actgrad.load and callable(load)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- loading builds only what actgrad knows ------------------------------------------------------
+
+HELPERS = '''
+from pathlib import Path
+
+from actgrad.model import MLP
+
+MARKER = Path(__file__).with_name("marker")
+
+
+def mark(*args, **kwargs):
+    MARKER.write_text("ran")
+
+
+class Net(MLP):
+    """A model class of one's own (here with MLP's weights, so last.ckpt fits it)."""
+'''
+
+
+@pytest.fixture
+def helpers(tmp_path, monkeypatch):
+    """A module of one's own on sys.path (load_helpers): mark() writes its marker file, Net is an MLP."""
+    (tmp_path / "load_helpers.py").write_text(HELPERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "load_helpers", raising=False)  # this test's file, not an earlier test's
+    return tmp_path / "marker"
+
+
+def edited(run_dir, tmp_path, change):
+    """A copy of last.ckpt whose stored config `change` (a function of it) edited."""
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    change(checkpoint["hyper_parameters"])
+    path = tmp_path / "edited.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def put(*keys, value):
+    def change(config):
+        node = config
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize("change, says", [
+    (put("norm", "_target_", value="load_helpers.mark"),
+     "norm._target_=load_helpers.mark, which actgrad.load does not build"),
+    (put("model", "_target_", value="load_helpers.mark"), "model._target_=load_helpers.mark, which"),
+    (put("optimizer", "_target_", value="load_helpers.mark"), "optimizer._target_=load_helpers.mark, which"),
+    (put("scheduler", "_target_", value="load_helpers.mark"), "scheduler._target_=load_helpers.mark, which"),
+    (put("model", "n_embd", value={"_target_": "load_helpers.mark"}), "model.n_embd._target_=load_helpers.mark, which"),
+    (put("scheduler", "at", value=[{"_target_": "load_helpers.mark", "_partial_": True}]),
+     "scheduler.at[0]._target_=load_helpers.mark, which"),
+    (put("norm", value="${model.oops}"), "norm='${model.oops}', an interpolation, which actgrad.load does not resolve"),
+    (put("norm", "eps", value="${oc.env:HOME}"), "norm.eps='${oc.env:HOME}', an interpolation"),
+])
+def test_a_checkpoint_naming_a_function_of_its_own_is_refused_before_anything_runs(trained, tmp_path, helpers,
+                                                                                   change, says):
+    run_dir, _ = trained
+    path = edited(run_dir, tmp_path, change)
+    for loader in (actgrad.load, LanguageModel.load_from_checkpoint):
+        with pytest.raises(ValueError) as err:
+            loader(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: its config names ") and says in message and "\n" not in message
+        assert "allowed: actgrad.model.*, actgrad.optim.*, actgrad.schedule.*, torch.nn.*, torch.optim.*" in message
+    assert not helpers.exists()  # nothing the file names was called
+    assert actgrad.load(run_dir).step == 40  # the untouched checkpoint still loads
+
+
+def test_a_name_that_only_leads_through_actgrad_or_torch_is_refused(trained, tmp_path, helpers):
+    """actgrad.optim imports torch, which imports os: the name starts well, and is os.system."""
+    run_dir, _ = trained
+    path = edited(run_dir, tmp_path, put("optimizer", value={"_target_": "actgrad.optim.torch.os.system",
+                                                             "_args_": [f"touch {helpers}"]}))
+    with pytest.raises(ValueError, match=r"optimizer._target_=actgrad.optim.torch.os.system, which actgrad.load"):
+        actgrad.load(path)
+    path = edited(run_dir, tmp_path, put("model", "n_embd", value={"_target_": "actgrad.rundir.write_atomic",
+                                                                  "path": str(helpers), "text": "ran"}))
+    with pytest.raises(ValueError, match=r"model.n_embd._target_=actgrad.rundir.write_atomic, which"):
+        actgrad.load(path)  # actgrad's, but no model, optimizer or schedule: it writes any file it is given
+    assert not helpers.exists()
+
+
+def test_model_lets_a_callers_own_class_through(trained, tmp_path, helpers):
+    from actgrad.run import load  # actgrad.load(path) is its lazy alias
+
+    run_dir, reference = trained
+    path = edited(run_dir, tmp_path, put("model", "_target_", value="load_helpers.Net"))
+    with pytest.raises(ValueError, match=r"model._target_=load_helpers.Net, which actgrad.load does not build"):
+        load(path)
+    import load_helpers
+
+    x = contexts(len(reference.vocab))
+    for run in (load(path, model=load_helpers.Net), load(path, allow=("load_helpers",)),
+                load(path, allow="load_helpers.")):
+        assert type(run.model.net) is load_helpers.Net and torch.equal(run.model(x), reference(x))
+    with pytest.raises(ValueError, match=r"model._target_=load_helpers.Net, which"):
+        load(path, model=MLP)  # another class: the stored name must be the one given
+    path = edited(run_dir, tmp_path, put("norm", "_target_", value="load_helpers.mark"))
+    with pytest.raises(ValueError, match=r"norm._target_=load_helpers.mark, which .*load_helpers.Net.*"):
+        load(path, model=load_helpers.Net)  # the class vouches for itself, not for its module
+    assert not helpers.exists()
+
+
+def test_what_load_builds_is_decided_by_name_and_by_where_it_is_defined():
+    from actgrad.run import ALLOWED, allowed_names, builds
+
+    for ok in ("actgrad.model.MLP", "actgrad.optim.SGD", "actgrad.schedule.step_decay", "torch.nn.BatchNorm1d",
+               "torch.nn.LayerNorm", "torch.optim.lr_scheduler.CosineAnnealingLR", "torch.optim.AdamW"):
+        assert builds(ok, ALLOWED), ok
+    for bad in ("builtins.print", "os.system", "actgrad.rundir.write_atomic", "actgrad.experiment.train",
+                "actgrad.optim.torch.os.system", "actgrad.model.nn.modules.module.torch.save", "torch.save",
+                "actgrad.model.MLP.__init__.__globals__", "${x}", "actgrad.model.MLP ", ".actgrad.model", None, 3):
+        assert not builds(bad, ALLOWED), bad
+    assert builds("torch.nn.Linear", allowed_names()) and not builds("mymod.Net", allowed_names())
+    assert allowed_names(model=MLP)[-1] == "actgrad.model.MLP"
+    for bad in (dict(model=3), dict(model="mymod.Net"), dict(allow="my pkg"), dict(allow=[None])):
+        with pytest.raises(ValueError) as err:
+            allowed_names(**bad)
+        assert "\n" not in str(err.value) and str(err.value).startswith(f"{next(iter(bad))}=")

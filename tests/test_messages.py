@@ -17,10 +17,10 @@ CONF = ROOT / "conf"
 INITS = "accepted: kaiming, naive, pytorch, scaled, scaled_output, xavier"
 
 
-def cli(*args):
+def cli(*args, cwd=ROOT):
     env = dict(os.environ, HYDRA_FULL_ERROR="0")
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
 def refusal(*args) -> str:
@@ -70,6 +70,26 @@ def test_a_refused_run_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+SEEDS = "must be a whole number from 0 to 4294967295"
+JOBS = "must be a whole number >= 1 (jobs at once)"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["seed=-5"], f"seed=-5: {SEEDS}"),
+        (["-m", "seed=1,2", "hydra.launcher.n_jobs=0"], f"hydra.launcher.n_jobs=0: {JOBS}"),
+        (["-m", "seed=1,2", "jobs_per_gpu=0"],
+         "jobs_per_gpu=0: must be a whole number >= 1 (jobs sharing one GPU in a sweep)"),
+    ],
+)
+def test_a_refused_run_or_sweep_leaves_nothing_in_the_working_dir(args, says, tmp_path):
+    proc = cli(*args, cwd=tmp_path)  # into outputs/, as a user's command would
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: {says}"]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
@@ -109,10 +129,29 @@ def test_a_refused_run_writes_nothing(tmp_path):
         (["-m", "search=lr_gain", "optimzer.lr=tag(log, interval(0.01, 1.0))"],
          "optimzer.lr=tag(log, interval(0.01, 1.0)): no such setting; did you mean optimizer.lr?"),
         (["-m", "--cfg", "job", "init=naive"], "-m and --cfg: give only one of --run, --multirun, --cfg, --info"),
+        # what Lightning's seed_everything takes; a launcher's job count; the run's threads
+        (["seed=-5"], "seed=-5: must be a whole number from 0 to 4294967295"),
+        (["seed=4294967296"], "seed=4294967296: must be a whole number from 0 to 4294967295"),
+        (["-m", "seed=1,-2"], "seed=-2: must be a whole number from 0 to 4294967295"),
+        (["-m", "seed=1,2", "hydra.launcher.n_jobs=0"], f"hydra.launcher.n_jobs=0: {JOBS}"),
+        (["-m", "seed=1,2", "hydra.launcher.n_jobs=-1"], f"hydra.launcher.n_jobs=-1: {JOBS}"),
+        (["-m", "seed=1,2", "hydra/launcher=parallel", "hydra.launcher.n_jobs=0"],
+         f"hydra.launcher.n_jobs=0: {JOBS}, or -1 for one per CPU (joblib's)"),
+        (["-m", "seed=1,2", "jobs_per_gpu=0"], "jobs_per_gpu=0: must be a whole number >= 1 (jobs sharing one GPU"),
+        (["-m", "seed=1,2", "threads=-1"], "threads=-1: must be a whole number >= 0 (torch threads per run; 0 leaves"),
     ],
 )
 def test_bad_overrides_are_named_in_one_line(args, says):
     assert refusal(*args).startswith(says)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["seed=0"], ["seed=4294967295"], ["-m", "seed=1,2", "threads=0"], ["-m", "seed=1,2", "hydra.launcher.n_jobs=1"],
+     ["-m", "seed=1,2", "hydra/launcher=parallel", "hydra.launcher.n_jobs=-1"], ["-m", "seed=1,2", "jobs_per_gpu=2"]],
+)
+def test_counts_at_the_ends_of_their_ranges_pass(args):
+    check_overrides(args, CONF)
 
 
 def test_groups(composed):

@@ -11,14 +11,14 @@ from functools import partial
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, read_statuses
 
 from actgrad import events, init
 from actgrad.checkpoint import load
 from actgrad.grouping import group_key
 from actgrad.model import MLP
 from actgrad.stacked_mlp import StackedMLP, member_state, stack_states
-from actgrad.sweep import read_statuses
+
 from hydra_plugins.actgrad_launcher.stacked_launcher import plan_groups
 
 STACKED = ["hydra/launcher=stacked", "trainer.enable_progress_bar=false"]
@@ -92,6 +92,9 @@ def test_a_members_state_is_its_single_runs_state_dict():
 def test_groups_are_cut_by_key_and_stack_size():
     assert plan_groups(["a", "b", "a", None, "a", "b"], stack_size=2) == [[0, 2], [1, 5], [3], [4]]
     assert plan_groups([None, None], stack_size=8) == [[0], [1]]
+    # balanced under stack_size: 80 jobs at 64 make 40 + 40, not 64 + 16
+    assert [len(g) for g in plan_groups(["a"] * 80, stack_size=64)] == [40, 40]
+    assert [len(g) for g in plan_groups(["a"] * 7, stack_size=3)] == [3, 2, 2]
     # fewer groups than workers: the largest are halved
     assert plan_groups(["a"] * 5 + ["b"], stack_size=8, workers=3) == [[0, 1, 2], [3, 4], [5]]
 

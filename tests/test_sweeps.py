@@ -6,9 +6,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from actgrad import sweep
-from actgrad.sweep import fresh_dir, parallel_jobs, read_statuses
+from actgrad.sweep import fresh_dir, parallel_jobs
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, read_statuses
 from test_train import run_cli, scalars
 
 

@@ -6,11 +6,12 @@
 """
 
 
-def load(path):
-    """The trained run of a run dir or checkpoint file: actgrad.run.Run (model, vocab, sample ...)."""
+def load(path, model=None, allow=()):
+    """The trained run of a run dir or checkpoint file: actgrad.run.Run (model, vocab, sample ...).
+    `model=mypkg.Net` (or `allow=("mypkg.",)`) lets its stored config build your own class."""
     from actgrad.run import load as load_run  # on first use: `import actgrad.checks` must not wait for torch
 
-    return load_run(path)
+    return load_run(path, model=model, allow=allow)
 
 
 def _show_launcher_to_hydra():

@@ -71,8 +71,10 @@ def load(path, map_location="cpu", key: str | None = None) -> dict:
     except pickle.UnpicklingError:
         raise Refused(f"{name}: holds objects other than tensors and plain containers; refused, "
                          "since loading it could run code") from None
-    except Exception as e:
-        raise Refused(f"{name}: not a readable checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # torch's message names the archive's fault: say it, and the way out
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "").split(". ")[0].rstrip(".")
+        raise Refused(f"{name}: not a readable checkpoint, cut short or damaged ({type(e).__name__}: {reason}); "
+                      "move it aside to resume from an earlier one or start over") from None
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -72,6 +72,28 @@ def check_config(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
             raise ConfigError(f"{key}={value!r}: must be a number > 0")
+    check_counts(cfg)
+
+
+# Whole numbers accepted only in a range: (least, most or None, what is accepted)
+COUNTS = {
+    "seed": (0, 2**32 - 1, "from 0 to 4294967295"),  # what Lightning's seed_everything takes (numpy's seeds)
+    "threads": (0, None, ">= 0 (torch threads per run; 0 leaves torch's default)"),
+    "jobs_per_gpu": (1, None, ">= 1 (jobs sharing one GPU in a sweep)"),
+}
+
+
+def check_counts(cfg: DictConfig) -> None:
+    """The seed, threads and jobs_per_gpu: checked in each run, and before a sweep launches anything
+    (a bad jobs_per_gpu or threads would fail every job, or leave the launcher nothing to run)."""
+    for key, (least, most, accepted) in COUNTS.items():
+        value = cfg[key]
+        if not whole(value) or value < least or (most is not None and value > most):
+            raise ConfigError(f"{key}={show(value)}: must be a whole number {accepted}")
+
+
+def whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # Hydra's command-line flags. Its parser (hydra/_internal/utils.py) is not public, hence this list.
@@ -200,7 +222,9 @@ class Composer:
             if not options[o.key_or_group]:
                 find(o, defaults)
         if settings:
-            check_launcher(compose_config([o.input_line for o in job]))
+            composed = compose_config([o.input_line for o in job])
+            check_launcher(composed)
+            check_counts(composed)
 
     def compose_base(self, lines: list[str]) -> dict:
         if tuple(lines) not in self.bases:
@@ -214,6 +238,20 @@ def check_launcher(cfg: DictConfig) -> None:
     size = OmegaConf.select(cfg, "hydra.launcher.stack_size", default=None)
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
         raise ConfigError(f"hydra.launcher.stack_size={size!r}: must be a whole number >= 1 (runs in one stacked model)")
+    launcher = OmegaConf.select(cfg, "hydra.launcher", default=None)
+    if launcher is not None:
+        check_jobs(OmegaConf.to_container(launcher, resolve=False), stacked=size is not None)
+
+
+def check_jobs(launcher: dict, stacked: bool) -> None:
+    """hydra.launcher.n_jobs when given as a number: with 0 jobs at once the stacked launcher would wait forever
+    (and joblib refuses 0); joblib's launcher (hydra/launcher=parallel) also takes -1 for one job per CPU."""
+    jobs = launcher.get("n_jobs")
+    if jobs is None or (isinstance(jobs, str) and "${" in jobs):
+        return  # ${parallel_jobs:${threads},${jobs_per_gpu}}: at least 1, from the threads and jobs_per_gpu checked
+    if not whole(jobs) or jobs == 0 or (stacked and jobs < 0):
+        joblib = "" if stacked else ", or -1 for one per CPU (joblib's)"
+        raise ConfigError(f"hydra.launcher.n_jobs={show(jobs)}: must be a whole number >= 1 (jobs at once){joblib}")
 
 
 def compose_config(lines: list[str]) -> DictConfig:

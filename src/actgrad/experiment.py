@@ -34,8 +34,8 @@ from actgrad import events, hparams, sweep  # noqa: F401  (sweep registers the r
 from actgrad.checks import ConfigError, check_config, explain, first_line
 from actgrad.checkpoint import AlreadyCompleted, AtomicCheckpointIO, check_shapes, config_hash, plan_start, run_config
 from actgrad.module import Diverged, LanguageModel
-from actgrad.rundir import Busy, RunDir
-from actgrad.stop import STOP_FILE, StopRequest
+from actgrad.rundir import Busy, RunDir, fault
+from actgrad.stop import StopRequest, stop_file
 from actgrad.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,13 @@ warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")  # we save after steps, on purpose
 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # a resumed run's checkpoints dir
+# Two notes on every resume that ask nothing of the user: a stacked group's loader has no state for Lightning
+# to save and needs none (a step's batch depends on the step alone, data.RandomBatches); and TensorBoard's
+# reader (events.scalars) reports the purge from the resumed step that build_loggers asks for.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended "
+                                          "and your dataloader is not resumable")
+logging.getLogger("tensorboard").addFilter(
+    lambda record: not record.getMessage().startswith("Detected out of order event.step"))
 
 DIVERGED_AT = 1e4  # x ln(V): a finite loss this far above the uniform baseline counts as diverged
 
@@ -78,6 +85,7 @@ def prepare(cfg: DictConfig, run: RunDir, extra_callbacks=()):
     """Everything that can refuse the attempt, before anything is written: (data, module, start, trainer)."""
     check_config(cfg)
     data, module = build(cfg)
+    module.configure_optimizers()  # built here, not first in fit: its settings are refused before anything is written
     module.record = run_record(cfg, data)
     start = plan_start(run.path, cfg, module.record, run.status(), run.read_yaml("run.yaml"))
     if start.init_weights is not None:
@@ -146,12 +154,16 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks=(), record_refus
     stop_file = sweep_stop_file()
     if stop_file and os.path.exists(stop_file):  # the sweep was interrupted before this job began
         log.warning("%s: not started, the sweep is stopping", run_dir)
-        return {"status": "interrupted", "steps": 0, "signal": "SIGTERM", "error": "not started"}
+        results = {"status": "interrupted", "steps": 0, "signal": "SIGTERM", "error": "not started"}
+        RunDir(run_dir).log_attempt({"outcome": "interrupted", **results})  # the sweep's summary counts it
+        return results
     run = RunDir(run_dir)
     try:
         run.lock()
     except Busy as e:
-        raise ConfigError(str(e)) from None  # the dir is another attempt's: touch nothing
+        if record_refusal:  # touch nothing of the other attempt's but its log, where the summary counts this job
+            run.log_attempt({"outcome": "busy", "error": str(e)})
+        raise ConfigError(str(e)) from None
     try:
         data, module, start, trainer = prepare(cfg, run, extra_callbacks)
     except AlreadyCompleted as done:
@@ -207,7 +219,7 @@ def save_hydra_record(cfg: DictConfig, run_dir: Path) -> None:
 def sweep_stop_file() -> str | None:
     """In a sweep, the file whose existence asks every job to stop (see actgrad.stop)."""
     if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
-        return str(Path(HydraConfig.get().sweep.dir) / STOP_FILE)
+        return str(stop_file(HydraConfig.get().sweep.dir))
     return None
 
 
@@ -256,18 +268,36 @@ def fit(cfg, run: RunDir, data, module, start, trainer) -> dict:
         log.exception("run failed")
         results = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     results["steps"] = trainer.global_step
+    if not module.started and results["status"] == "completed":  # resumed at max_steps, killed during its end:
+        module.write_again()  # Lightning skipped the loop and its hooks; what the purge removed is written again,
+        for cb in trainer.callbacks:  # and the diagnostics' end (figures, calibration) is done again
+            if type(cb).__module__.startswith("callbacks."):
+                cb.on_train_end(trainer, module)
+    fault("after_training")
     if module.stop.signum is not None and results["status"] == "completed" and trainer.global_step < cfg.trainer.max_steps:
         results = {"status": "interrupted", "steps": trainer.global_step, "signal": signal.Signals(module.stop.signum).name}
-    if results["status"] == "completed":
-        finish(cfg, trainer, module, data, results)
-    if results["status"] != "failed" or not results["error"].startswith("OSError"):  # a disk that failed once is
-        board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)  # not written to again
-        write_end(trainer, board if start.step else None, cfg, results, latest=module.writer.latest)
+    board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    end(cfg, trainer, module, data, results, board if start.step else None, latest=module.writer.latest)
+    fault("run_end")
     run.write_status(results)
     run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
                      "signal": results.get("signal")})
     module.stop.hand_over()  # under SLURM, preempted: submitit requeues the job and exits here
     return results
+
+
+def end(cfg, trainer, module, data, results: dict, board=None, latest: dict | None = None) -> None:
+    """A run's end: the final losses of a completed run (finish), then every logger's (write_end). An
+    exception there fails the run, in results (the status written next), in one line: a run whose end
+    could not be written must not stay `training`, nor read as completed."""
+    try:
+        if results["status"] == "completed":
+            finish(cfg, trainer, module, data, results)
+        if results["status"] != "failed" or not results["error"].startswith("OSError"):
+            write_end(trainer, board, cfg, results, latest=latest)  # a disk that failed once is not written to again
+    except Exception as e:
+        log.exception("could not write the run's end")
+        results.update(status="failed", error=f"writing the run's end: {type(e).__name__}: {first_line(e)}")
 
 
 def finish(cfg, trainer, module, data, results) -> None:
@@ -294,7 +324,8 @@ def final_values(board, results: dict, latest: dict | None = None) -> dict:
         finals["final/diverged_step"] = step
     if board is not None:
         board.experiment.flush()
-        latest = {tag: points[-1][1] for tag, points in events.scalars(board.log_dir).items()}
+        # a tag can be empty: a resume at the step where all its points were logged purged them all
+        latest = {tag: points[-1][1] for tag, points in events.scalars(board.log_dir).items() if points}
     for tag, value in (latest or {}).items():
         if tag.startswith("act/saturation/"):
             finals[f"final/saturation/{tag.rsplit('/', 1)[-1]}"] = value

@@ -25,11 +25,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from actgrad import experiment
 from actgrad.checkpoint import AlreadyCompleted, plan_start
-from actgrad.checks import check_config, explain
+from actgrad.checks import check_config, explain, first_line
 from actgrad.data import available_memory
 from actgrad.diagnostic import Diagnostic
 from actgrad.grouping import OWN_CALLBACKS
-from actgrad.rundir import Busy, RunDir, note_before_hydra
+from actgrad.rundir import Busy, RunDir, fault, note_before_hydra
 from actgrad.stacked import (
     EVAL_CHUNK,
     Member,
@@ -40,7 +40,7 @@ from actgrad.stacked import (
     StackedData,
     StackedModule,
 )
-from actgrad.stacked_mlp import stackable
+from actgrad.stacked_mlp import member_state, stackable
 from actgrad.stop import StopRequest
 from actgrad.writer import Writer
 
@@ -86,7 +86,8 @@ def prepare_member(full: DictConfig, run_dir: Path) -> Member | dict:
         run.lock()
     except Busy as e:
         log.error("%s", e)
-        return {"status": "failed", "error": str(e)}
+        run.log_attempt({"outcome": "busy", "error": str(e)})  # the sweep's summary counts it
+        return {"status": "busy", "error": str(e)}
     try:
         check_config(cfg)
         data, module = experiment.build(cfg)  # as a single run builds it: same seed, same init
@@ -103,9 +104,9 @@ def prepare_member(full: DictConfig, run_dir: Path) -> Member | dict:
         return done.status | {"skipped": True}
     except Exception as e:
         message = explain(e)
-        if message is None:
-            run.unlock()
-            raise
+        if message is None:  # a programming error: its traceback in the log, this member alone fails
+            log.exception("%s: failed", run.path)
+            return failed(run, f"{type(e).__name__}: {first_line(e)}")
         return refused(Member(cfg, full, run, None, None), message)  # leaves only why, for the sweep's summary
     if not stackable(module.net) or not all(member_capable(c) for c in member.callbacks):
         run.unlock()
@@ -166,6 +167,15 @@ def refused(m: Member, message: str) -> dict:
     return {"status": "failed", "error": message}
 
 
+def failed(run: RunDir, error: str) -> dict:
+    """A member that fails alone: its status and attempt say why; its files stay for debugging."""
+    results = {"status": "failed", "error": error}
+    run.write_status(results)
+    run.log_attempt({"outcome": "failed", "error": error})
+    run.unlock()
+    return results
+
+
 def fit_group(members: list[Member]) -> list[dict]:
     with MemberLogs(members) as logs:
         return fit_logged(members, logs)
@@ -195,18 +205,30 @@ def fit_logged(members: list[Member], logs: MemberLogs) -> list[dict]:
     status = {"status": "completed"}
     try:
         trainer.fit(module, datamodule=data, ckpt_path=start.ckpt_path, weights_only=True)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C: stop now, each member resumes from its last.ckpt
         for m in members:
-            m.run.write_status({"status": "interrupted", "steps": trainer.global_step, "signal": "SIGINT"})
+            m.run.write_status({"status": "interrupted", "steps": trainer.global_step, "signal": "SIGINT",
+                                "error": "stopped at once by a second Ctrl-C; resumes from the last checkpoint"})
+            m.run.log_attempt({"outcome": "interrupted", "steps": trainer.global_step, "signal": "SIGINT"})
             m.run.unlock()
         raise SystemExit(128 + signal.SIGINT) from None
     except Exception as e:  # the whole group failed: every member says why
         log.exception("stacked group failed")
         status = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    if not module.started and status["status"] == "completed":  # resumed at max_steps, killed during its end:
+        for m in members:  # Lightning skipped the loop and its hooks; what the purge removed is written again
+            module.write_again(m)
+        callbacks[0].on_train_end(trainer, module)  # and the members' diagnostics end (figures, calibration)
+    trained = module.net.state_dict()  # each member's final weights; on a resume at max_steps, the checkpoint's
     out = []
     for j, m in enumerate(members):
+        m.module.net.load_state_dict(member_state(trained, j))
         with logs.only(j):
-            out.append(end_member(m, trainer, module, status))
+            try:
+                out.append(end_member(m, trainer, module, status))
+            except Exception as e:  # one member's end (its files, its loggers) fails it alone
+                log.exception("%s: its end failed", m.run.path)
+                out.append(failed(m.run, f"{type(e).__name__}: {first_line(e)}"))
     module.stop.hand_over()  # under SLURM, preempted: submitit requeues the group (it resumes) and exits here
     return out
 
@@ -231,11 +253,12 @@ def end_member(m: Member, trainer, module, status: dict) -> dict:
     if results["status"] == "completed" and module.stop.signum is not None and trainer.global_step < trainer.max_steps:
         results = {"status": "interrupted", "steps": trainer.global_step,
                    "signal": signal.Signals(module.stop.signum).name}
-    if results["status"] == "completed":
-        experiment.finish(m.cfg, view, m.module, m.data, results)
+    fault("after_training")
     board = next((lg for lg in m.loggers if isinstance(lg, TensorBoardLogger)), None)
-    experiment.write_end(view, board if m.start.step else None, m.cfg, results, latest=m.writer.latest)
+    experiment.end(m.cfg, view, m.module, m.data, results, board if m.start.step else None, latest=m.writer.latest)
+    fault("run_end")
     m.run.write_status(results)
+    fault("status")
     m.run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
                        "stacked": len(module.members)})
     m.run.unlock()

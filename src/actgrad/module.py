@@ -25,6 +25,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from actgrad.checks import ConfigError, first_line
 from actgrad.diagnostic import START_HERE, Diagnostic, layout
 from actgrad.snapshot import Recorder
 from actgrad.writer import Writer
@@ -38,6 +39,19 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\
 
 class Diverged(RuntimeError):
     pass
+
+
+def from_settings(group: str, make, *args):
+    """make(*args), a partial of the user's `group` settings: what its constructor refuses (a ValueError or
+    TypeError: momentum=-0.5, a key it does not take) is a one-line ConfigError, for a refusal before
+    anything is written (experiment.prepare and group.prepare_member build the optimizer to check it)."""
+    try:
+        return make(*args)
+    except (ValueError, TypeError) as e:
+        reason = first_line(e)
+        if reason.startswith(f"{group}.params"):  # the model's parameters, not a setting: a programming error
+            raise
+        raise ConfigError(reason if reason.startswith(f"{group}.") else f"{group}: {reason}") from e
 
 
 class LanguageModel(L.LightningModule):
@@ -57,6 +71,7 @@ class LanguageModel(L.LightningModule):
         self.recent_loss = None  # the last train/loss written, for the progress bar
         self._losses = []  # per-step losses on the device since the last write: no host sync per step
         self.written = (None, {})  # (step, scalars) last written by the loop: a resume writes them again
+        self.started = False  # Lightning skips the loop, and its start hooks, when resumed at max_steps
         if config is not None:
             self.save_hyperparameters(config, logger=False)  # in checkpoints; HPARAMS gets our columns (hparams.py)
 
@@ -64,10 +79,11 @@ class LanguageModel(L.LightningModule):
         return self.net(idx)
 
     def configure_optimizers(self):
-        optimizer = self.make_optimizer(self.net.parameters())
+        optimizer = from_settings("optimizer", self.make_optimizer, self.net.parameters())
         if self.make_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_scheduler(optimizer), "interval": "step"}}
+        scheduler = from_settings("scheduler", self.make_scheduler, optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self):
         self.writer = Writer.of(self.trainer)
@@ -84,11 +100,16 @@ class LanguageModel(L.LightningModule):
                 self.writer.text("start here", START_HERE, 0)
 
     def on_train_start(self):
-        step, scalars = self.written
-        if step is not None and step == self.global_step:  # resumed: what was written at this step before
-            self.writer.scalars(scalars, step)              # the checkpoint, as the purge removed it
+        self.started = True
+        self.write_again()
         if self.stop is not None:
             self.stop.install()  # after Lightning's own handlers, which would end fit with an exception
+
+    def write_again(self):
+        """Resumed: what was written at this step before the checkpoint, as the logger's purge removed it."""
+        step, scalars = self.written
+        if step is not None and step == self.global_step:
+            self.writer.scalars(scalars, step)
 
     def on_train_end(self):
         if self.stop is not None:

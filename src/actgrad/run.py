@@ -9,13 +9,27 @@
 Every checkpoint holds the run's resolved config (`hyper_parameters`) and its vocabulary
 (`checkpoint["actgrad"]["vocab"]`), so the network is rebuilt as actgrad.experiment.build
 builds it (hydra.utils.instantiate of the config's model and norm), without reading the data
-file, and given the trained weights. The checkpoint is read with weights_only=True
-(actgrad.checkpoint.load): loading a file from someone else cannot run code.
+file, and given the trained weights.
+
+Loading a file from someone else runs no code of theirs, nor any function they name:
+- the checkpoint is read with weights_only=True (actgrad.checkpoint.load): tensors and plain
+  containers only, no pickled objects;
+- before anything is built, every `_target_` in the config nodes load instantiates (model, norm,
+  optimizer, scheduler; at any depth) must name a class or function defined in actgrad's modules
+  of models, optimizers and schedules (run.ALLOWED), torch.nn or torch.optim, or what the caller
+  vouches for: `actgrad.load(path, model=mypkg.Net)` (that class), `allow=("mypkg",)` (that
+  package). A name that only leads there is refused too (actgrad.experiment.os.system is
+  os.system), and so is an interpolation in those nodes (a resolved config has none; one could
+  stand for a target). Anything else is a one-line ValueError, raised before anything is called.
+
+    >>> run = actgrad.load("outputs/runs/mine", model=mypkg.Net)  # a run of one's own model class
 
 """
 
 import functools
 import math
+import pydoc
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +42,12 @@ from actgrad import checkpoint as checkpoint_file
 from actgrad.data import VOCAB
 from actgrad.experiment import DIVERGED_AT
 from actgrad.module import LanguageModel
+
+BUILT = ("model", "norm", "optimizer", "scheduler")  # the config nodes load instantiates (the last two in build_later)
+# actgrad's modules of models, optimizers and schedules (not all of actgrad: actgrad.rundir.write_atomic would
+# write any file a config names); torch's layers, optimizers and lr schedulers. A new module of models goes here.
+ALLOWED = ("actgrad.model", "actgrad.optim", "actgrad.schedule", "torch.nn", "torch.optim")
+NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # a dotted Python name, nothing to resolve or evaluate
 
 
 @dataclass(repr=False)
@@ -80,15 +100,19 @@ class Run:
         return names
 
 
-def load(path) -> Run:
+def load(path, model=None, allow=()) -> Run:
     """The trained run at `path`: a run dir or a checkpoint file (.ckpt), needing nothing else.
 
     A run dir loads its checkpoints/last.ckpt: the final weights of a completed run (of a stopped
     one, the latest it saved). For another checkpoint (checkpoints/best.ckpt, lowest val/loss),
     give its file. A path that is no run dir, a run dir without a checkpoint, or a file that is
     no actgrad checkpoint is a one-line ValueError naming the path.
+
+    The config may name only actgrad's models, optimizers and schedules, torch.nn's and torch.optim's, or
+    `model` (a class of one's own: its module.qualname) and what is under the names in `allow`
+    (e.g. ("mypkg",)); anything else is a one-line ValueError, raised before anything is called.
     """
-    module, file, checkpoint = load_module(path)
+    module, file, checkpoint = load_module(path, model=model, allow=allow)
     return Run(module, module.vocab, int(checkpoint["hyper_parameters"]["data"]["block_size"]),
                OmegaConf.create(checkpoint["hyper_parameters"]), file, int(checkpoint.get("global_step", 0)))
 
@@ -108,9 +132,11 @@ def checkpoint_of(path) -> Path:
     return path
 
 
-def load_module(path) -> tuple[LanguageModel, Path, dict]:
+def load_module(path, model=None, allow=()) -> tuple[LanguageModel, Path, dict]:
     """(module, checkpoint file, checkpoint): the trained LanguageModel of a run dir or checkpoint,
-    in eval mode on CPU; what load and LanguageModel.load_from_checkpoint give."""
+    in eval mode on CPU; what load and LanguageModel.load_from_checkpoint give. `model`, `allow`:
+    what else its config may name (load)."""
+    allowed = allowed_names(model, allow)  # a bad argument is the caller's error, before the file is read
     file = checkpoint_of(path)
     if not zipfile.is_zipfile(file):  # what torch.save writes; torch.load would call a text file a pickle
         raise ValueError(f"{file}: not a checkpoint (torch.save writes a zip archive; this is not one)")
@@ -121,11 +147,12 @@ def load_module(path) -> tuple[LanguageModel, Path, dict]:
         raise ValueError(f"{file}: not a checkpoint of an actgrad run (it has no run config and weights)")
     stored = checkpoint.get("actgrad") or {}
     vocab = stored.get("vocab", VOCAB)  # none: written by an actgrad whose vocabulary was always '.' + a-z
+    refuse_unknown_targets(file, config, allowed)  # before instantiate calls anything the file names
     cfg = OmegaConf.create(config)
     try:
         with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the caller's RNG alone
             norm = instantiate(cfg.norm) if cfg.get("norm") else None
-            net = instantiate(cfg.model, vocab_size=len(vocab), block_size=cfg.data.block_size, norm=norm)
+            net = instantiate(cfg.model, vocab_size=len(vocab), block_size=config["data"].get("block_size"), norm=norm)
     except Exception as e:  # a target renamed since, a config by hand
         raise ValueError(f"{file}: cannot rebuild the model its config describes ({first_line(e)})") from None
     # no init rule: it only sets values, and every parameter and buffer comes from the checkpoint
@@ -133,8 +160,8 @@ def load_module(path) -> tuple[LanguageModel, Path, dict]:
         net,
         optimizer=functools.partial(build_later, cfg.optimizer),  # built when fit asks: sampling needs neither
         scheduler=functools.partial(build_later, cfg.scheduler) if cfg.get("scheduler") else None,
-        log_every_n_steps=cfg.get("log_every_n_steps", 100),
-        val_every_n_steps=cfg.get("val_every_n_steps", 5000),
+        log_every_n_steps=config.get("log_every_n_steps", 100),  # the plain values: no resolver runs
+        val_every_n_steps=config.get("val_every_n_steps", 5000),
         config=config,
         diverge_above=DIVERGED_AT * math.log(len(vocab)),
         record={k: stored[k] for k in ("config_hash", "run_config") if k in stored},
@@ -145,6 +172,66 @@ def load_module(path) -> tuple[LanguageModel, Path, dict]:
     except RuntimeError as e:
         raise ValueError(f"{file}: its weights do not fit the model its config describes ({first_line(e)})") from None
     return module.eval(), file, checkpoint
+
+
+def allowed_names(model=None, allow=()) -> tuple[str, ...]:
+    """The names load may build from: ALLOWED, `model`'s own (module.qualname), those under `allow`."""
+    if isinstance(allow, str):  # allow="mypkg": one name, not its letters
+        allow = (allow,)
+    bad = [a for a in allow if not isinstance(a, str) or not NAME.fullmatch(a.rstrip("."))]
+    if bad:
+        raise ValueError(f"allow={bad[0]!r}: not a dotted name; give package or module names, e.g. allow=('mypkg',)")
+    names = ALLOWED + tuple(a.rstrip(".") for a in allow)
+    if model is None:
+        return names
+    module, qualname = getattr(model, "__module__", None), getattr(model, "__qualname__", None)
+    name = f"{module}.{qualname}"
+    if not callable(model) or not isinstance(module, str) or not isinstance(qualname, str) or not NAME.fullmatch(name):
+        raise ValueError(f"model={model!r}: not a class or function importable by its name; give the class "
+                         "the run's config names, e.g. model=mypkg.Net")
+    return names + (name,)
+
+
+def refuse_unknown_targets(file, config: dict, allowed: tuple[str, ...]) -> None:
+    """A one-line ValueError naming the first target (or interpolation) in the nodes load instantiates
+    that it may not build: see `builds`."""
+    for key, value in (found for name in BUILT for found in targets(config.get(name), name)):
+        if not builds(value, allowed):
+            shown = value if isinstance(value, str) and NAME.fullmatch(value) else repr(value)
+            what = "which actgrad.load does not build" if key.endswith("_target_") else \
+                "an interpolation, which actgrad.load does not resolve"  # it could stand for a target
+            raise ValueError(f"{file}: its config names {key}={shown}, {what} (allowed: "
+                             f"{', '.join(n + '.*' for n in allowed)}; or pass model=... or allow=...)")
+
+
+def targets(node, key: str) -> list[tuple[str, object]]:
+    """(dotted key, value) of every `_target_` in node, at any depth (lists too), and of every string
+    holding an interpolation (resolved, it could name a target or a whole node)."""
+    if isinstance(node, dict):
+        return [found for k, v in node.items()
+                for found in ([(f"{key}.{k}", v)] if k == "_target_" else targets(v, f"{key}.{k}"))]
+    if isinstance(node, list):
+        return [found for i, v in enumerate(node) for found in targets(v, f"{key}[{i}]")]
+    return [(key, node)] if isinstance(node, str) and "${" in node else []
+
+
+def builds(target, allowed: tuple[str, ...]) -> bool:
+    """Whether load may call `target`: a dotted name under one of `allowed` (a package, module or
+    object name) that names an object defined there, not one it only imports (actgrad.experiment.os.system
+    is os.system). Only modules under `allowed` are imported to find out."""
+    if not isinstance(target, str) or not NAME.fullmatch(target) or not under(target, allowed):
+        return False
+    try:
+        found = pydoc.locate(target)  # imports and looks up as Hydra's instantiate does
+    except Exception:  # nothing to call: instantiate says which name it cannot find (a target renamed since)
+        return True
+    if found is None:
+        return True
+    return under(f"{getattr(found, '__module__', None)}.{getattr(found, '__qualname__', None)}", allowed)
+
+
+def under(name: str, allowed: tuple[str, ...]) -> bool:
+    return any(name == a or name.startswith(a + ".") for a in allowed)
 
 
 def build_later(node: DictConfig, *args, **kwargs):

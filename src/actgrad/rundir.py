@@ -14,11 +14,14 @@ import datetime
 import fcntl
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
 import yaml
 from hydra.experimental.callback import Callback
+
+from actgrad.stop import SWEEP_ID
 
 # Set by train.py's Hydra callback before Hydra creates the run dir (single runs only):
 # the directories that did not exist, and the names already in the run dir.
@@ -26,6 +29,13 @@ BEFORE_HYDRA: dict = {}
 # Directories the config's own resolver made while Hydra composed it (sweep.fresh_dir: the dated folder
 # of outputs/runs/), before the callback could see them missing: a refused attempt removes them too.
 MADE_BY_RESOLVER: list[Path] = []
+
+
+def fault(phase: str) -> None:
+    """For the fault-injection tests: ACTGRAD_FAULT=<phase> kills this process (SIGKILL) at that phase
+    of a run's end, as the OOM killer or a kill -9 would (tests/test_faults.py)."""
+    if os.environ.get("ACTGRAD_FAULT") == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Busy(RuntimeError):
@@ -118,8 +128,10 @@ class RunDir:
         self.write_yaml("status.yaml", results)
 
     def log_attempt(self, outcome: dict) -> None:
-        """Append this attempt's outcome: the sweep summary reads the newest line of each job."""
-        line = json.dumps({"started": self.started, "pid": os.getpid(), **outcome}, default=str)
+        """Append this attempt's outcome, with the sweep invocation it belongs to: a sweep's summary
+        counts its own jobs' lines (see attempts_of_this_sweep)."""
+        sweep = {"sweep": os.environ[SWEEP_ID]} if SWEEP_ID in os.environ else {}
+        line = json.dumps({"started": self.started, "pid": os.getpid(), **sweep, **outcome}, default=str)
         with open(self.path / "attempts.jsonl", "a") as f:
             f.write(line + "\n")
 
@@ -144,13 +156,28 @@ class RunDir:
                 break  # not empty: something else lives there now
 
 
+def attempts(run_dir: Path) -> list[dict]:
+    """The lines of a run dir's attempts.jsonl (a line cut short by a kill is skipped)."""
+    path = Path(run_dir) / "attempts.jsonl"
+    found = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return found
+
+
 def last_attempt(run_dir: Path) -> dict | None:
     """The newest line of a run dir's attempts.jsonl."""
-    path = Path(run_dir) / "attempts.jsonl"
-    if not path.is_file():
-        return None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else None
+    found = attempts(run_dir)
+    return found[-1] if found else None
+
+
+def attempts_of_this_sweep(run_dir: Path) -> list[dict]:
+    """The attempts.jsonl lines the current sweep invocation wrote into run_dir."""
+    sweep = os.environ.get(SWEEP_ID)
+    return [a for a in attempts(run_dir) if sweep is not None and a.get("sweep") == sweep]
 
 
 class NoteRunDir(Callback):

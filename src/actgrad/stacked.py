@@ -26,7 +26,7 @@ from actgrad.data import RandomBatches
 from actgrad.diagnostic import START_HERE, Diagnostic, layout
 from actgrad.grouping import MEMBER_NUMBERS
 from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, remember
-from actgrad.rundir import RunDir
+from actgrad.rundir import RunDir, fault
 from actgrad.snapshot import Recorder, Snapshot
 from actgrad.stacked_mlp import StackedMLP, member_state, stack_states
 from actgrad.writer import Writer
@@ -188,6 +188,7 @@ class StackedModule(L.LightningModule):
         self.losses = []  # each step's (members,) losses since the last train/loss write
         self.cadences = None  # {cadence: (a diagnostic to ask, [(member index, diagnostic)])}, when fit starts
         self.loaded = None  # members' optimizer values and scheduler states of a resumed group
+        self.started = False  # Lightning skips the loop, and its start hooks, when resumed at max_steps
 
     # --- optimizer: member 0's optimizer over the stack, with each member's own numbers as tensors
     def configure_optimizers(self):
@@ -235,15 +236,20 @@ class StackedModule(L.LightningModule):
                     m.writer.text("start here", START_HERE, 0)
 
     def on_train_start(self):
+        self.started = True
         if self.loaded is not None:
             self.restore_members(*self.loaded)
         self.set_lrs()
         for m in self.members:
-            step, scalars = m.written
-            if step is not None and step == self.global_step:
-                m.writer.scalars(scalars, step)
+            self.write_again(m)
         if self.stop is not None:
             self.stop.install()
+
+    def write_again(self, m: Member):
+        """What a member's earlier attempt wrote at the step this one resumes from: its logger purged it."""
+        step, scalars = m.written
+        if step is not None and step == self.global_step:
+            m.writer.scalars(scalars, step)
 
     def on_train_end(self):
         if self.stop is not None:
@@ -335,12 +341,14 @@ class StackedModule(L.LightningModule):
         m.written = remember(m.written, step, written)
         return written
 
-    def diverged(self, j: int, error: str):
-        """Record member j as diverged and freeze its weights: the other members train on."""
+    def diverged(self, j: int, error: str, status: str = "diverged"):
+        """Record member j as diverged (or failed) and freeze its weights: the other members train on."""
         m = self.members[j]
+        if m.results is not None:
+            return  # it ended already: its first reason stands
         with self.logs.only(j) if self.logs else contextlib.nullcontext():
             log.error("%s", error)
-        m.results = {"status": "diverged", "error": error, "steps": self.global_step}
+        m.results = {"status": status, "error": error, "steps": self.global_step}
         params = self.optimizer.flat_params
         mask = self.index == j
         if self.frozen is None:
@@ -470,8 +478,11 @@ class StackedCheckpointIO(AtomicCheckpointIO):
         members = (storage_options or {}).get("members")
         for j, m in enumerate(self.module.members):
             if (members is None and m.results is None) or (members is not None and j in members):
-                super().save_checkpoint(self.module.member_checkpoint(checkpoint, j),
-                                        m.run.path / "checkpoints" / Path(path).name)
+                try:
+                    super().save_checkpoint(self.module.member_checkpoint(checkpoint, j),
+                                            m.run.path / "checkpoints" / Path(path).name)
+                except OSError as e:  # its disk or folder: this member fails alone, the stack trains on
+                    self.module.diverged(j, f"could not save {Path(path).name}: {type(e).__name__}: {e}", "failed")
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return self.module.merged_checkpoint()
@@ -505,6 +516,7 @@ class MemberHooks(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.call("on_train_end", trainer)
+        fault("callbacks_end")  # after the members' figures and BatchNorm calibration
 
     def on_exception(self, trainer, pl_module, exception):
         self.call("on_exception", trainer, exception)

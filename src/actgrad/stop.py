@@ -2,7 +2,9 @@
 where it saves last.ckpt and writes its status; a second Ctrl-C stops at once.
 
 A sweep's parent process cannot reach into its jobs, so when it is interrupted it creates a
-stop file in the sweep dir that every job checks at its step boundaries.
+stop file in the sweep dir that every job checks at its step boundaries. The file is named after
+the sweep's invocation (`ACTGRAD_SWEEP`, set by the parent and inherited by its workers), so one
+left behind by a sweep that was killed never stops a later one.
 
 Under SLURM with submitit (hydra/launcher=slurm), the preemption signal (submitit's USR2) stops
 the run the same way, saving into the run dir; then submitit's own handler, which was there
@@ -13,10 +15,16 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-STOP_FILE = ".stop"  # in a sweep dir: its jobs stop as if they had been sent SIGTERM
+SWEEP_ID = "ACTGRAD_SWEEP"  # environment variable: this sweep invocation's id, set by its parent process
+
+
+def stop_file(sweep_dir) -> Path:
+    """The file whose existence asks every job of this sweep invocation to stop as if sent SIGTERM."""
+    return Path(sweep_dir) / f".stop-{os.environ.get(SWEEP_ID, 'sweep')}"
 
 
 def preemption_signal():
@@ -52,7 +60,10 @@ class StopRequest:
 
     def handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third must not cut the interrupted status short
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, whatever is half done
+        if self.signum is not None:
+            return  # said already (an orphaned worker repeats its SIGTERM)
         self.signum = signum
         if self.stop_file is not None:  # in a sweep: the jobs after this one do not start
             open(self.stop_file, "a").close()

@@ -14,15 +14,14 @@ import sys
 import threading
 from pathlib import Path
 
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from actgrad.gpus import gpu_count
-from actgrad.rundir import MADE_BY_RESOLVER, last_attempt, missing_dirs
-from actgrad.stop import STOP_FILE
+from actgrad.rundir import MADE_BY_RESOLVER, attempts_of_this_sweep, missing_dirs
+from actgrad.stop import SWEEP_ID, stop_file
 
 log = logging.getLogger(__name__)
 # TensorBoard's default port; the query turns its smoothing (0.6 by default, which hides a bad start) off
@@ -41,8 +40,17 @@ def swept_overrides() -> str:
         varying += [o.get_key_element() for o in sweep if o.is_sweep_override()]
     job = {o.get_key_element(): line for o, line in
            zip(parser.parse_overrides(list(hydra.overrides.task)), hydra.overrides.task)}
-    name = ",".join(job[key] for key in varying if key in job).replace("/", "_")
-    return name or hydra.job.override_dirname or "run"
+    name = ",".join(job[key] for key in varying if key in job)
+    return dir_name(name or hydra.job.override_dirname or "run")
+
+
+def dir_name(name: str) -> str:
+    """`name` made safe as one directory's name, so a run stays inside its root: an override's value
+    (+tag=../../x) can hold a path separator or be `..`. Each such character becomes "_"; a name
+    without any is returned as it is, so existing run dirs keep their names (a resume finds them)."""
+    for separator in ("/", "\\", "\0"):
+        name = name.replace(separator, "_")
+    return "_" * len(name) if name in (".", "..") else name
 
 
 def fresh_dir(path: str) -> str:
@@ -67,34 +75,33 @@ def parallel_jobs(threads_per_job: int = 1, jobs_per_gpu: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, threads_per_job))
 
 
-def read_statuses(sweep_dir: Path) -> dict[str, dict]:
-    return {str(p.parent.relative_to(sweep_dir)): yaml.safe_load(p.read_text()) or {}
-            for p in sorted(Path(sweep_dir).glob("**/status.yaml"))}
-
-
-def attempts_since(sweep_dir: Path, started: str) -> dict[str, dict]:
-    """Each job's newest attempt made since `started` (ISO time): what this sweep did to it."""
-    found = {}
+def outcomes_of_this_sweep(sweep_dir: Path) -> list[tuple[str, dict]]:
+    """(job, attempt) for every job's end that this sweep invocation recorded: one per job, even when two
+    jobs share a dir (`+tag=a/b,a_b`) or another sweep writes into the same dir at the same time."""
+    found = []
     for path in sorted(Path(sweep_dir).glob("**/attempts.jsonl")):
-        attempt = last_attempt(path.parent)
-        if attempt and attempt["started"] >= started:
-            found[str(path.parent.relative_to(sweep_dir))] = attempt
+        name = str(path.parent.relative_to(sweep_dir))
+        found += [(name, a) for a in attempts_of_this_sweep(path.parent) if a.get("outcome") != "started"]
     return found
+
+
+OUTCOMES = ("completed", "already completed", "diverged", "failed", "interrupted", "busy")
 
 
 class SweepSummary(Callback):
     """A sweep's start and end in its parent process.
 
-    Interrupted (Ctrl-C, SIGTERM): the jobs are asked to stop at their next step boundary, save
-    and record `interrupted` (the stop file, see actgrad.stop); a second Ctrl-C stops at once.
-    At the end: how many jobs completed, were skipped (already completed), diverged, failed or
-    were interrupted, and the command that resumes the sweep. Exit status 1 if any failed,
-    128 + the signal if interrupted.
+    At the start it names this invocation (ACTGRAD_SWEEP, inherited by every job's process), so its
+    summary counts its own jobs and its stop file is its own. Interrupted (Ctrl-C, SIGTERM): the jobs
+    are asked to stop at their next step boundary, save and record `interrupted` (see actgrad.stop);
+    a second Ctrl-C stops at once. At the end: each job of this invocation counted once by outcome,
+    and the command that resumes the sweep. Exit status 1 if any job failed or was refused as busy,
+    128 + the signal if interrupted; a diverged job is a result, not an error.
     """
 
     def on_multirun_start(self, config, **kwargs):
-        self.started = datetime.datetime.now().isoformat(timespec="seconds")
-        self.stop_file = Path(config.hydra.sweep.dir) / STOP_FILE
+        os.environ[SWEEP_ID] = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+        self.stop_file = stop_file(config.hydra.sweep.dir)
         self.signum = None
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -102,7 +109,8 @@ class SweepSummary(Callback):
 
     def interrupt(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C
+            self.stop_file.unlink(missing_ok=True)
+            raise KeyboardInterrupt  # the second Ctrl-C: train.py says it in one line
         self.signum = signum
         self.stop_file.parent.mkdir(parents=True, exist_ok=True)
         self.stop_file.touch()
@@ -112,25 +120,28 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs):
         sweep_dir = Path(config.hydra.sweep.dir)
         self.stop_file.unlink(missing_ok=True)
-        attempts = attempts_since(sweep_dir, self.started)
-        outcomes = ("completed", "already completed", "diverged", "failed", "interrupted")
-        counts = {s: sum(1 for a in attempts.values() if a.get("outcome") == s) for s in outcomes}
-        log.info("sweep %s: %s", sweep_dir, ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "interrupted"))
-        for name, attempt in attempts.items():
+        ended = outcomes_of_this_sweep(sweep_dir)
+        counts = {s: sum(1 for _, a in ended if a.get("outcome") == s) for s in OUTCOMES}
+        said = [f"{n} {'refused as busy' if s == 'busy' else s}" for s, n in counts.items()
+                if n or s not in ("interrupted", "busy")]
+        log.info("sweep %s: %s", sweep_dir, ", ".join(said))
+        for name, attempt in ended:
             if attempt.get("outcome") not in ("completed", "already completed"):
-                log.info("  %s: %s at step %s %s", name, attempt.get("outcome"), attempt.get("steps"), attempt.get("error") or "")
+                at = f" at step {attempt['steps']:,}" if isinstance(attempt.get("steps"), int) else ""
+                log.info("  %s: %s%s %s", name, attempt.get("outcome"), at, attempt.get("error") or "")
         if counts["completed"] or counts["already completed"] or counts["diverged"]:
             log.info("look at it: tensorboard --logdir %s, then %s; its loss table: python scripts/report.py %s",
                      sweep_dir, BOARD_URL, sweep_dir)
         if counts["interrupted"] or self.signum is not None:
             log.info("resume the sweep with the same command and hydra.sweep.dir=%s", sweep_dir)
-            names = [a.get("signal") for a in attempts.values() if a.get("signal")]
+            names = [a.get("signal") for _, a in ended if a.get("signal")]
             sys.exit(128 + (self.signum or signal.Signals[names[0] if names else "SIGTERM"]))
-        if counts["failed"]:
+        if counts["failed"] or counts["busy"]:
             sys.exit(1)
 
 
 for name, resolver, cache in [("swept", swept_overrides, False), ("parallel_jobs", parallel_jobs, False),
-                              ("fresh_dir", fresh_dir, True)]:  # cached: a sweep's jobs all see one dir
+                              ("fresh_dir", fresh_dir, True),  # cached: a sweep's jobs all see one dir
+                              ("dir_name", dir_name, False)]:
     if not OmegaConf.has_resolver(name):
         OmegaConf.register_new_resolver(name, resolver, use_cache=cache)

@@ -286,15 +286,14 @@ def subrun(tag: str, layers) -> tuple[str, str] | None:
 
 
 def purge_step(writer) -> int | None:
-    """The step of the purge marker that torch's SummaryWriter wrote at the start of its file (for
-    purge_step: a resumed run), or None."""
-    name = torch_file(writer.get_logdir())
-    if name is None:
-        return None
+    """The step of the purge marker that torch's SummaryWriter wrote at the start of its first file in
+    this process (for purge_step: a resumed run), or None. Its first file: Lightning closes the writer
+    when fit ends, and a write after that (a run's end) opens a second file, without the marker."""
     writer.flush()  # torch writes on a thread of its own
-    for event in first_events(os.path.join(writer.get_logdir(), name), 3):  # its file version, then the marker's two
-        if event.session_log.status == SessionLog.START:
-            return event.step
+    for name in torch_files(writer.get_logdir()):
+        for event in first_events(os.path.join(writer.get_logdir(), name), 3):  # its file version, then the marker's two
+            if event.session_log.status == SessionLog.START:
+                return event.step
     return None
 
 
@@ -315,17 +314,21 @@ def first_events(path: str, n: int) -> list:
     return events
 
 
-def torch_file(logdir: str) -> str | None:
-    """The name of the file that torch's SummaryWriter made last in logdir from this process
-    (events.out.tfevents.<time>.<host>.<pid>.<n>), or None."""
-    host, pid, newest = socket.gethostname(), str(os.getpid()), None
+def torch_files(logdir: str) -> list[str]:
+    """The names of the files that torch's SummaryWriter made in logdir from this process
+    (events.out.tfevents.<time>.<host>.<pid>.<n>), oldest first."""
+    host, pid, found = socket.gethostname(), str(os.getpid()), []
     for name in os.listdir(logdir):
         parts = name.split(".")
         if name.startswith("events.out.tfevents.") and name.endswith(f".{host}.{pid}.{parts[-1]}") and parts[-1].isdigit():
-            key = (parts[3], int(parts[-1]))
-            if newest is None or key > newest[0]:
-                newest = (key, name)
-    return newest[1] if newest else None
+            found.append(((parts[3], int(parts[-1])), name))
+    return [name for _, name in sorted(found)]
+
+
+def torch_file(logdir: str) -> str | None:
+    """The name of the file that torch's SummaryWriter made last in logdir from this process, or None."""
+    names = torch_files(logdir)
+    return names[-1] if names else None
 
 
 def file_name(logdir: str) -> str:

@@ -3,39 +3,48 @@
 A Hydra Launcher plugin like Hydra's own (in the `hydra_plugins` namespace; its config is
 conf/hydra/launcher/stacked.yaml), so any sweeper (the grid, Optuna) hands it its batches of jobs. It groups
 the jobs that can share one computation (actgrad.group.group_key), at most `stack_size` a group,
-and runs the groups in parallel processes (joblib), `n_jobs` at a time. A group of one runs
-exactly as under Hydra's own launchers, through the task function.
+and runs each group in a worker process of its own (worker.py), `n_jobs` at a time: a worker that
+dies takes only its own group's members, recorded `failed` with the reason, and the others go on.
+A group of one runs exactly as under Hydra's own launchers, through the task function.
 """
 
 import contextlib
 import logging
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
+
+import cloudpickle
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
-from joblib import Parallel, delayed
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from actgrad.stop import stop_file
 
 log = logging.getLogger(__name__)
 
 
 def plan_groups(keys: list, stack_size: int, workers: int = 1) -> list[list[int]]:
-    """Job indices grouped by key (None: alone), in order of first appearance, at most stack_size each;
-    the largest groups halved while there are fewer groups than workers, so none stays idle."""
-    groups, open_groups = [], {}
+    """Job indices grouped by key (None: alone), in order of first appearance: a key's jobs cut into as
+    few groups as `stack_size` allows, of balanced sizes (80 jobs at 64: 40 + 40); then the largest groups
+    halved while there are fewer groups than workers, so none stays idle."""
+    by_key = {}
     for i, key in enumerate(keys):
-        if key is None:
-            groups.append([i])
-            continue
-        group = open_groups.get(key)
-        if group is None or len(group) == stack_size:
-            group = open_groups[key] = []
-            groups.append(group)
-        group.append(i)
+        by_key.setdefault(i if key is None else ("key", key), []).append(i)
+    groups = []
+    for jobs in by_key.values():
+        parts = -(-len(jobs) // stack_size)
+        cuts = [-(-p * len(jobs) // parts) for p in range(parts + 1)]  # rounded up: larger groups first
+        groups += [jobs[a:b] for a, b in zip(cuts, cuts[1:])]
+    groups.sort(key=lambda g: g[0])
     while len(groups) < workers and max(map(len, groups), default=0) > 1:
         largest = max(groups, key=len)
         at = groups.index(largest)
@@ -78,9 +87,12 @@ class StackedLauncher(Launcher):
         if self.submitit:
             done = self.submit(tasks)
         else:
-            done = Parallel(n_jobs=n_jobs, backend="loky")(delayed(run_group)(*task) for task in tasks)
+            done = run_workers(tasks, n_jobs)
         returns = [None] * len(configs)
         for group, rets in zip(groups, done):
+            group_configs = [configs[i] for i in group]
+            if not isinstance(rets, list):  # its worker died, or never started: rets says why
+                rets = [unfinished_return(cfg, rets) for cfg in group_configs]
             for i, ret in zip(group, rets):
                 returns[i] = ret
         return returns
@@ -111,6 +123,106 @@ class GroupTask:
         return submitit.helpers.DelayedSubmission(self, *args)
 
 
+def run_workers(tasks: list, n_jobs: int) -> list:
+    """Each group in a process of its own, `n_jobs` at a time; each group's JobReturns, or for a group whose
+    worker died or that never started (the sweep was stopping) a dict saying so. A second Ctrl-C stops
+    every worker at once (each records its members `interrupted`) and is raised again here."""
+    with tempfile.TemporaryDirectory(prefix="actgrad-groups-") as folder:
+        pending, running, done = list(range(len(tasks))), {}, [None] * len(tasks)
+        stop = stop_file(OmegaConf.select(tasks[0][2][0], "hydra.sweep.dir")) if tasks else None
+        try:
+            while pending or running:
+                while pending and len(running) < n_jobs:
+                    i = pending.pop(0)
+                    if stop is not None and stop.exists():
+                        done[i] = {"status": "interrupted", "signal": "SIGTERM", "error": "not started: the sweep is stopping"}
+                        continue
+                    running[i] = start_worker(Path(folder) / str(i), (run_group, tasks[i]))
+                time.sleep(0.05)
+                for i, proc in list(running.items()):
+                    if proc.poll() is not None:
+                        done[i] = worker_result(Path(folder) / str(i), proc.returncode)
+                        del running[i]
+        except KeyboardInterrupt:
+            for proc in running.values():  # a second Ctrl-C: each worker stops at once, saving its members' status
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGINT)
+                    time.sleep(0.1)  # two signals sent together may arrive as one
+                    proc.send_signal(signal.SIGINT)
+            for proc in running.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=30)
+            raise
+        return done
+
+
+def start_worker(prefix: Path, task) -> subprocess.Popen:
+    with open(f"{prefix}.task", "wb") as f:
+        cloudpickle.dump(task, f)
+    command = [sys.executable, "-m", "hydra_plugins.actgrad_launcher.worker", f"{prefix}.task", f"{prefix}.result",
+               str(os.getpid())]
+    return subprocess.Popen(command)
+
+
+def worker_result(prefix: Path, returncode: int):
+    """The JobReturns a worker wrote, or why it wrote none."""
+    result = Path(f"{prefix}.result")
+    if result.is_file():
+        with open(result, "rb") as f:
+            return cloudpickle.load(f)
+    if returncode < 0:
+        how = f"killed by {signal.Signals(-returncode).name}"
+    else:
+        how = f"exit status {returncode}"
+    return {"status": "failed", "error": f"its group's worker process died ({how})"}
+
+
+def unfinished_return(cfg: DictConfig, outcome: dict) -> JobReturn:
+    """The JobReturn of a job whose worker died or never started; its run dir records why, unless its
+    attempt already ended (a member that finished before another one's end killed the worker)."""
+    from actgrad.rundir import RunDir, attempts_of_this_sweep
+
+    HydraConfig.instance().set_config(cfg)  # its dir's name reads the job's own overrides
+    run_dir = job_dir(cfg).absolute()
+    ended = [a for a in attempts_of_this_sweep(run_dir) if a.get("outcome") != "started"]
+    result = dict(ended[-1]) if ended else dict(outcome)
+    if not ended:
+        run = RunDir(run_dir)
+        status = run.status()
+        if status is None or status.get("status") == "training":
+            run.write_status({k: v for k, v in result.items() if k in ("status", "steps", "signal", "error")})
+        run.log_attempt({"outcome": outcome["status"], **{k: v for k, v in result.items() if k != "status"}})
+        log.error("%s: %s", run_dir, outcome["error"])
+    result["status"] = result.pop("outcome", result.get("status"))
+    return job_return(cfg, result)
+
+
+def job_return(cfg: DictConfig, result: dict) -> JobReturn:
+    """What Hydra's sweepers read of a job that train.py did not run: its config and its results."""
+    ret = JobReturn()
+    ret.cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    ret.hydra_cfg = OmegaConf.create({"hydra": cfg.hydra})
+    ret.overrides = list(cfg.hydra.overrides.task)
+    ret.working_dir, ret.task_name = os.getcwd(), cfg.hydra.job.name
+    ret.status = JobStatus.COMPLETED
+    ret.return_value = result.get(cfg.objective, float("inf")) if cfg.get("objective") else result
+    return ret
+
+
+def run_alone(hydra_context, task_function, cfg: DictConfig) -> JobReturn:
+    """One job as Hydra runs it, through the task function. A job that raised (a programming error) has
+    its traceback logged here and is recorded `failed`: the sweep's other jobs and its summary go on."""
+    HydraConfig.instance().set_config(cfg)
+    ret = run_job(hydra_context=hydra_context, task_function=task_function, config=cfg,
+                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    try:
+        ret.return_value  # noqa: B018  (raises what the job raised)
+    except Exception as e:
+        log.error("%s: failed", job_dir(cfg), exc_info=e)
+        return unfinished_return(cfg, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+    return ret
+
+
 def job_dir(cfg: DictConfig) -> Path:
     return Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
 
@@ -120,9 +232,7 @@ def run_group(hydra_context, task_function, configs: list[DictConfig], singleton
     setup_globals()
     Singleton.set_state(singleton_state)
     if len(configs) == 1:
-        HydraConfig.instance().set_config(configs[0])
-        return [run_job(hydra_context=hydra_context, task_function=task_function, config=configs[0],
-                        job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")]
+        return [run_alone(hydra_context, task_function, configs[0])]
     configure_log(configs[0].hydra.hydra_logging, configs[0].hydra.verbose)  # a worker starts bare: lines to the terminal
     with free_gpu(configs):
         return train_stacked(hydra_context, task_function, configs)
@@ -159,16 +269,7 @@ def train_stacked(hydra_context, task_function, configs: list[DictConfig]) -> li
     returns = []
     for cfg, out, result in zip(configs, dirs, results):
         if result is ALONE:  # its callbacks or model cannot be stacked: as Hydra runs any job
-            HydraConfig.instance().set_config(cfg)
-            returns.append(run_job(hydra_context=hydra_context, task_function=task_function, config=cfg,
-                                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+            returns.append(run_alone(hydra_context, task_function, cfg))
             continue
-        ret = JobReturn()
-        ret.cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        ret.hydra_cfg = OmegaConf.create({"hydra": cfg.hydra})
-        ret.overrides = list(cfg.hydra.overrides.task)
-        ret.working_dir, ret.task_name = os.getcwd(), cfg.hydra.job.name
-        ret.status = JobStatus.COMPLETED
-        ret.return_value = result.get(cfg.objective, float("inf")) if cfg.get("objective") else result
-        returns.append(ret)
+        returns.append(job_return(cfg, result))
     return returns
