@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from actgrad.checks import ConfigError, check_overrides, check_writable
+from actgrad.checks import ConfigError, check_writable, one_line_errors, release_errors
 from actgrad.gpus import gpu_count, take_gpu
 
 log = logging.getLogger("actgrad")
@@ -24,6 +24,7 @@ log = logging.getLogger("actgrad")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
+    release_errors()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
@@ -31,7 +32,7 @@ def main(cfg):
     from actgrad.experiment import train
 
     # a sweep's job trains on a free GPU from the sweep's pool, held until train() returns
-    on_gpu = sweeping and cfg.trainer.accelerator in ("auto", "gpu", "cuda")  # not with trainer=cpu or mps
+    on_gpu = sweeping and cfg.trainer.accelerator in ("auto", "gpu", "cuda") and gpu_count() > 0  # not trainer=cpu, mps
     gpu_slot = take_gpu(hydra_cfg.sweep.dir, gpu_count(), cfg.jobs_per_gpu) if on_gpu else contextlib.nullcontext()
     try:
         with gpu_slot as gpu:
@@ -63,12 +64,12 @@ def resume_command(run_dir: Path) -> str:
 
 if __name__ == "__main__":
     try:
-        check_overrides(sys.argv[1:], Path(__file__).parent / "conf")
         check_writable(sys.argv[1:])
     except ConfigError as e:
         sys.exit(f"error: {e}")
     try:
-        main()
+        with one_line_errors(sys.argv[1:], Path(__file__).parent / "conf"):
+            main()
     except KeyboardInterrupt:  # a sweep's second Ctrl-C: its jobs have recorded `interrupted`
         print("stopped at once by a second Ctrl-C; the same command resumes from the last checkpoints", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

@@ -20,12 +20,17 @@ FIGURES = {  # tag: (title, x axis, legend statistics)
 }
 
 
-def overlay(title: str, xlabel: str, curves: dict, start=None):
+def overlay(title: str, xlabel: str, curves: dict, start=None, kept: dict | None = None):
     """One density-histogram line per {legend label: tensor}, as the lecture draws them; with
-    `start` = (title, curves) of the first step, the two side by side on shared axes. The Figure is
-    one kept for figures of this shape and redrawn: valid until the next call with the same shape."""
+    `start` = (title, curves) of the first step, the two side by side on shared axes. With `kept`
+    ({shape: Figure}, the caller's), a Figure of this shape is made once and redrawn (building one
+    costs a third of drawing it): valid until the next call with the same shape."""
     panels = ([start] if start else []) + [(title, curves)]
-    figure = blank(tuple(len(lines) for _, lines in panels))
+    shape = tuple(len(lines) for _, lines in panels)
+    kept = {} if kept is None else kept
+    if shape not in kept:
+        kept[shape] = blank(shape)
+    figure = kept[shape]
     for ax, (panel_title, panel) in zip(figure.axes, panels):
         for line, text, (label, values) in zip(ax.get_lines(), ax.get_legend().get_texts(), panel.items()):
             label, x, y = density(label, values)
@@ -51,21 +56,16 @@ def density(label: str, values: torch.Tensor):
     return label, ((edges[:-1] + edges[1:]) / 2).numpy(), density.numpy()
 
 
-FIGURES_BY_SHAPE = {}  # (lines per panel, ...) -> Figure: building one costs a third of drawing it
-
-
 def blank(shape: tuple):
-    """The Figure of `shape` (one or two panels, sharing axes), its lines and legends made, data not set."""
-    if shape not in FIGURES_BY_SHAPE:
-        figure = new_figure()
-        axes = figure.subplots(1, len(shape), sharex=True, sharey=True, squeeze=False)[0]
-        for ax, n in zip(axes, shape):
-            for i in range(n):
-                ax.plot([], [], label=str(i))
-            ax.legend(fontsize=10, loc="upper right")
-        axes[0].set_ylabel("density", fontsize=11)
-        FIGURES_BY_SHAPE[shape] = with_margins(figure)
-    return FIGURES_BY_SHAPE[shape]
+    """A Figure of `shape` (one or two panels, sharing axes), its lines and legends made, data not set."""
+    figure = new_figure()
+    axes = figure.subplots(1, len(shape), sharex=True, sharey=True, squeeze=False)[0]
+    for ax, n in zip(axes, shape):
+        for i in range(n):
+            ax.plot([], [], label=str(i))
+        ax.legend(fontsize=10, loc="upper right")
+    axes[0].set_ylabel("density", fontsize=11)
+    return with_margins(figure)
 
 
 def new_figure():
@@ -95,6 +95,7 @@ class DistributionFigures(Diagnostic):
         self.threshold, self.weights_only = threshold, weights_only
         self.pending = []  # (step, {tag: {label: (tensor, [statistics as 0-d tensors])}}) not drawn yet
         self.start = {}  # tag -> (title, {label: tensor}) of the first figure drawn
+        self.figures = {}  # (lines per panel, ...) -> the Figure redrawn for every figure of that shape
 
     def observe(self, snapshot):
         curves = {tag: {} for tag in FIGURES}
@@ -136,7 +137,8 @@ class DistributionFigures(Diagnostic):
                     start = None
                 else:
                     start = self.start[tag]
-                self.writer.figure(tag, overlay(f"{title}, step {step}", xlabel, labelled, start=start), step)
+                figure = overlay(f"{title}, step {step}", xlabel, labelled, start=start, kept=self.figures)
+                self.writer.figure(tag, figure, step)
         self.pending = []
 
 

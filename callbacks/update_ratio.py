@@ -5,28 +5,23 @@ really happened, whatever the optimizer (Adam, momentum) and the learning-rate s
 The lecture's rule of thumb: about 1e-3, i.e. -3 on this log10 scale.
 """
 
-import weakref
-
 import torch
 
 from actgrad.diagnostic import Diagnostic
 from actgrad.snapshot import matrices
 
 GUIDE = -3.0
-_last = (lambda: None, None, {})  # (weak reference to a snapshot, weights_only, its ratios)
 
 
 def update_ratios(snapshot, weights_only: bool = True) -> dict:
     """{name: log10(std(after - before) / std(before))}, as tensors on the device.
 
     Computed once per snapshot: UpdateRatio and UpdateRatioFigure watching the same step share them."""
-    global _last
-    seen, seen_weights_only, ratios = _last
-    if seen() is not snapshot or seen_weights_only != weights_only:
+    key = ("update_ratios", weights_only)
+    if key not in snapshot.derived:
         updates = matrices(snapshot.updates) if weights_only else snapshot.updates
-        ratios = {name: (u.std() / snapshot.params[name].std()).log10() for name, u in updates.items()}
-        _last = (weakref.ref(snapshot), weights_only, ratios)
-    return dict(ratios)
+        snapshot.derived[key] = {name: (u.std() / snapshot.params[name].std()).log10() for name, u in updates.items()}
+    return dict(snapshot.derived[key])
 
 
 class UpdateRatio(Diagnostic):

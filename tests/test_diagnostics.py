@@ -345,8 +345,8 @@ def test_distribution_figures(tmp_path, monkeypatch, n_layers, norm, activation)
 
     drawn = []
     overlay = figures.overlay
-    monkeypatch.setattr(figures, "overlay", lambda title, xlabel, curves, start=None: drawn.append((title, curves))
-                        or overlay(title, xlabel, curves, start))
+    monkeypatch.setattr(figures, "overlay", lambda title, xlabel, curves, start=None, kept=None:
+                        drawn.append((title, curves)) or overlay(title, xlabel, curves, start, kept))
     net = make_net(n_layers, norm, activation)
     d = DistributionFigures(every_n_steps=5)
     trainer = make_trainer([d], tmp_path)
@@ -653,9 +653,9 @@ def test_a_kept_figure_draws_each_figure_as_a_new_one(tmp_path):
     steps = {5: {"layer1: std 3.00": 3 * torch.randn(500, generator=g), "layer2: std 0.50": 0.5 * torch.randn(500, generator=g)},
              9: {"layer1: std 0.01": 0.01 * torch.randn(500, generator=g), "layer2: std 0.02": 0.02 * torch.randn(500, generator=g) + 5}}
     writer = Writer([TensorBoardLogger(save_dir=str(tmp_path), name="", version="")])
-    limits = []
+    limits, kept = [], {}
     for step, curves in steps.items():
-        figure = overlay(f"activation distribution, step {step}", "layer output", curves, start=start)
+        figure = overlay(f"activation distribution, step {step}", "layer output", curves, start=start, kept=kept)
         writer.figure("figures/act", figure, step)
         limits.append([(ax.get_xlim(), ax.get_ylim()) for ax in figure.axes])
         assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figure.axes] == [list(start[1]), list(curves)]

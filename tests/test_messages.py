@@ -54,20 +54,38 @@ def composed(monkeypatch):
         (["init=foo"], f"init=foo: unknown init; {INITS}"),
         (["init="], f"init=: needs a value; {INITS}"),
         (["optimzer.lr=0.1"], "optimzer.lr=0.1: no such setting; did you mean optimizer.lr?"),
-        (["seed=abc"], "seed='abc': expected an integer"),
     ],
 )
-def test_the_cli_says_it_in_one_line(args, says):
+def test_what_hydra_refuses_the_cli_says_in_one_line(args, says):
     proc = cli("--cfg", "job", *args)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [f"error: {says}"]
 
 
-def test_a_refused_run_writes_nothing(tmp_path):
-    proc = cli("optimizer.lr=fast", f"hydra.run.dir={tmp_path / 'run'}")
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["optimizer.lr=fast"], "optimizer.lr='fast': must be a number > 0"),
+        (["seed=abc"], "seed='abc': must be a whole number from 0 to 4294967295"),
+    ],
+)
+def test_a_value_hydra_takes_is_refused_by_the_run_in_one_line_and_writes_nothing(args, says, tmp_path):
+    proc = cli(*args, f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 1
-    assert proc.stderr.splitlines() == ["error: optimizer.lr='fast': expected a number"]
+    assert proc.stderr.splitlines() == [f"error: {says}"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_launch_checks_nothing_before_hydra(monkeypatch):
+    """The one-line messages cost a launch nothing: check_overrides runs only once Hydra has failed."""
+    ran = []
+    monkeypatch.setattr(checks, "check_overrides", lambda *a: ran.append(a))
+    with checks.one_line_errors(["init=naive"], CONF):
+        pass
+    assert ran == []
+    with pytest.raises(SystemExit), checks.one_line_errors(["init=foo"], CONF):
+        raise SystemExit(1)  # what Hydra's main does on a composition error
+    assert ran == [(["init=foo"], CONF)]
 
 
 SEEDS = "must be a whole number from 0 to 4294967295"

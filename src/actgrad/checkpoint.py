@@ -2,7 +2,7 @@
 only into the run that made them.
 
 A run is defined by its config minus what only changes how it is watched or where it is
-written (cadences, diagnostics, paths, threads): `run_config`. Its hash goes into run.yaml
+written (cadences, diagnostics, paths, threads: actgrad.keys): `run_config`. Its hash goes into run.yaml
 (written when a run starts) and into every checkpoint, and an attempt resumes a run dir or a
 `ckpt_path` only when the hashes match. `init_from=<checkpoint>` starts a new run from another
 run's weights instead.
@@ -21,17 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from actgrad.checks import ConfigError
-
-# Settings that change how a run is watched, written or computed, not what it computes.
-NOT_RUN_DEFINING = {
-    "callbacks", "checkpoints", "ckpt_path", "threads", "jobs_per_gpu", "steps_per_batch", "log_every_n_steps",
-    "logger", "keep_run",  # where it is written (a run resumes under another logger), whether it is kept
-    "val_every_n_steps", "checkpoint_every_n_steps", "lean_optimizer", "compile", "objective", "search", "progress_bar",
-    "data.path", "data.cache_dir", "data.url",
-    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.accelerator", "trainer.devices",
-    "trainer.deterministic",
-}
-
+from actgrad.keys import flatten, role
 
 class Refused(ConfigError):
     """This attempt may not start: the message is one line with the way out."""
@@ -77,21 +67,10 @@ def load(path, map_location="cpu", key: str | None = None) -> dict:
                       "move it aside to resume from an earlier one or start over") from None
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def run_config(cfg: DictConfig, data_sha256: str) -> dict:
     """The settings that define what a run computes, flat, with the data's digest, not its path."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    kept = {k: v for k, v in flat.items() if not any(k == x or k.startswith(x + ".") for x in NOT_RUN_DEFINING)}
-    return kept | {"data.sha256": data_sha256}
+    return {k: v for k, v in flat.items() if role(k).defines_run} | {"data.sha256": data_sha256}
 
 
 def config_hash(run_cfg: dict) -> str:

@@ -4,8 +4,11 @@ Nothing here imports torch or Lightning, so train.py can check its command line,
 sweep's parent process can launch its jobs, without the ~4 s that importing them takes.
 """
 
+import contextlib
 import difflib
+import io
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from hydra.errors import InstantiationException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+
+from actgrad.rundir import MADE_BY_RESOLVER, missing_dirs
 
 
 class ConfigError(ValueError):
@@ -105,6 +110,58 @@ MODE_FLAGS = {"-r": "run", "--run": "run", "-m": "multirun", "--multirun": "mult
               "-i": "info", "--info": "info"}  # one at a time
 # Defaults of one type among several their target takes: Lightning's devices is 1, [0, 1] or "auto".
 ANY_TYPE = {"trainer.devices"}
+
+
+class HeldErrors(io.StringIO):
+    """Standard error held while Hydra composes the config (see one_line_errors)."""
+
+    def __init__(self, real):
+        super().__init__()
+        self.real = real
+
+
+def release_errors() -> None:
+    """Hydra has handed over a config: what it wrote to standard error goes out, and from now on at once."""
+    held = sys.stderr
+    if isinstance(held, HeldErrors):
+        sys.stderr = held.real
+        sys.stderr.write(held.getvalue())
+
+
+@contextlib.contextmanager
+def one_line_errors(args: list[str], conf_dir: Path):
+    """Hydra's own errors (an unknown option, a key that does not exist, an override it cannot parse) run to
+    a dozen lines: hold standard error until Hydra hands over a config (the task function, or a launcher,
+    calls release_errors); if Hydra stops before that, say what is wrong in one line (check_overrides),
+    else pass on what Hydra wrote. Nothing is checked before Hydra starts: a launch pays for this only
+    when it fails."""
+    sys.stderr = held = HeldErrors(sys.stderr)
+    sweep_dir = next((Path(a.partition("=")[2]) for a in args if a.startswith("hydra.sweep.dir=")), None)
+    new_dirs = missing_dirs(sweep_dir) if sweep_dir else []
+    had_record = sweep_dir is not None and (sweep_dir / "multirun.yaml").exists()
+    try:
+        yield
+    except SystemExit as stop:
+        if sys.stderr is held and stop.code not in (0, None):
+            sys.stderr = held.real
+            if not had_record:  # Hydra's sweeper records the sweep before it composes the jobs: not a sweep now
+                for folder in (MADE_BY_RESOLVER or new_dirs)[:1] + ([sweep_dir] if sweep_dir else []):
+                    (folder / "multirun.yaml").unlink(missing_ok=True)
+                remove_empty(new_dirs + MADE_BY_RESOLVER)
+            try:
+                check_overrides(args, conf_dir)
+            except ConfigError as e:
+                raise SystemExit(f"error: {e}") from None
+        raise
+    finally:
+        release_errors()
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """The folders this process made, deepest first, where nothing was put in them."""
+    for folder in sorted(set(folders), key=lambda f: len(f.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def check_overrides(args: list[str], conf_dir: Path) -> None:

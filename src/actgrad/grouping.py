@@ -1,18 +1,19 @@
 """Which runs of a sweep can train together as one stacked model: read from their configs alone,
 without importing torch (the sweep's parent process decides the groups and trains nothing).
 
-Runs share a group when everything but these may differ: the seed, the init, the optimizer's
-numbers (MEMBER_NUMBERS), the diagnostics' settings, the checkpoint cadence, threads. A callback
+Runs share a group when they differ only in keys that may differ within a stack (actgrad.keys:
+the seed, the init, the optimizer's numbers, the diagnostics' settings, the checkpoint cadence, threads). A callback
 outside actgrad's own packages (`callbacks.`, `actgrad.`) trains alone at once; the worker that
 trains a group checks each callback's class again (actgrad.group.member_capable).
 """
 
+import json
+
 from omegaconf import DictConfig, OmegaConf
 
-MEMBER_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "betas", "eps")  # a member's own, as tensors
-FREE_KEYS = ("seed", "init", "callbacks", "hydra", "checkpoint_every_n_steps", "threads", "jobs_per_gpu")
+from actgrad.keys import PLAIN_PRECISION, flatten, role
+
 OWN_CALLBACKS = ("callbacks.", "actgrad.")  # written for a member's view of the trainer (see actgrad.stacked)
-PLAIN_PRECISION = ("32-true", "32", "64-true", "64")
 
 
 def group_key(cfg: DictConfig) -> str | None:
@@ -25,9 +26,5 @@ def group_key(cfg: DictConfig) -> str | None:
         return None  # the stacked update needs actgrad.optim's flat buffers
     if not all(str(c.get("_target_", "")).startswith(OWN_CALLBACKS) for c in (cfg.callbacks or {}).values()):
         return None  # a plain Lightning callback would see the whole stack
-    shared = OmegaConf.to_container(cfg, resolve=False)
-    for key in FREE_KEYS:
-        shared.pop(key, None)
-    shared["optimizer"] = {k: v for k, v in shared["optimizer"].items() if k not in MEMBER_NUMBERS}
-    shared["trainer"] = {k: v for k, v in shared["trainer"].items() if k != "enable_progress_bar"}
-    return OmegaConf.to_yaml(OmegaConf.create(shared))
+    flat = flatten(OmegaConf.to_container(cfg, resolve=False))
+    return json.dumps({k: v for k, v in flat.items() if not role(k).may_differ_in_stack}, sort_keys=True, default=str)

@@ -14,11 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from actgrad.keys import role
+
 # How a run is watched, debugged or launched: not columns. TensorBoard shows the first five columns by name
 # (what differs first, but it cannot tell from a written experiment), so every extra group hides one.
-NOT_CHOICES = ("hydra/", "callbacks", "progress_bar", "search", "trainer", "logger", "debug")
-NOT_COLUMNS = ("hydra.", "data.path", "ckpt_path", "init_from", "trainer.enable_progress_bar", "callbacks", "logger",
-               "debug", "steps_per_batch", "threads", "jobs_per_gpu")  # and every *_every_n_steps: cadences
+NOT_CHOICES = ("hydra/", "callbacks", "progress_bar", "search", "trainer", "logger", "debug")  # groups; keys: actgrad.keys
 METRICS = ["init/loss", "init/uniform_loss", "final/train_loss", "final/val_loss", "final/test_loss", "final/steps",
            "final/diverged_step"]
 
@@ -47,7 +47,7 @@ def columns(cfg: DictConfig) -> dict:
     for key in overridden_keys():
         if key in choices:
             values[key] = choices[key]
-        elif not key.startswith(NOT_COLUMNS) and not key.endswith("every_n_steps"):
+        elif role(key).column:
             value = OmegaConf.select(cfg, key, default=None)
             values[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return values | choices

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from actgrad.checks import ConfigError, first_line
 from actgrad.diagnostic import START_HERE, Diagnostic, layout
+from actgrad.keys import PLAIN_PRECISION
 from actgrad.snapshot import Recorder
 from actgrad.writer import Writer
 
@@ -269,7 +270,7 @@ def needs_lightning_path(trainer) -> bool:
     """Whether some callback overrides a step hook Lightning documents, or precision needs its plugin."""
     overridden = any(getattr(getattr(cb, hook), "__func__", None) is not getattr(L.Callback, hook)
                      for cb in trainer.callbacks for hook in LIGHTNING_STEP_HOOKS)  # a LambdaCallback's too
-    return overridden or str(trainer.precision) not in ("32-true", "32", "64-true", "64")
+    return overridden or str(trainer.precision) not in PLAIN_PRECISION
 
 
 def count_optimizer_steps(trainer, n: int) -> None:

@@ -38,6 +38,9 @@ class Snapshot:
     params: dict = field(default_factory=dict)  # tag name -> value before the update      (needs "params")
     grads: dict = field(default_factory=dict)  # tag name -> gradient                      (needs "grads")
     updates: dict = field(default_factory=dict)  # tag name -> after minus before          (needs "updates")
+    # what diagnostics derive from this snapshot, computed once for all of them (update_ratios);
+    # not copied by replace() or member(): each snapshot derives its own
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def member(self, i: int) -> "Snapshot":
         """Member i of a stacked snapshot (every tensor indexed on its leading dimension)."""

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from actgrad.checkpoint import AtomicCheckpointIO, load
 from actgrad.data import RandomBatches
 from actgrad.diagnostic import START_HERE, Diagnostic, layout
-from actgrad.grouping import MEMBER_NUMBERS
+from actgrad.keys import MEMBER_NUMBERS
 from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, remember
 from actgrad.rundir import RunDir, fault
 from actgrad.snapshot import Recorder, Snapshot

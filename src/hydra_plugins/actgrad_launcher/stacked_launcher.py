@@ -54,8 +54,9 @@ def plan_groups(keys: list, stack_size: int, workers: int = 1) -> list[list[int]
 
 class StackedLauncher(Launcher):
     def __init__(self, stack_size: int = 64, n_jobs: int = 1, submitit=None) -> None:
-        if not isinstance(stack_size, int) or isinstance(stack_size, bool) or stack_size < 1:
-            raise ValueError(f"hydra.launcher.stack_size={stack_size!r}: must be a whole number >= 1")
+        for key, value in (("stack_size", stack_size), ("n_jobs", n_jobs)):  # Hydra stops; train.py says it in one line
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"hydra.launcher.{key}={value!r}: must be a whole number >= 1")
         self.stack_size, self.n_jobs = stack_size, n_jobs
         self.submitit = dict(submitit) if submitit else None  # each group one submitit job (stacked_slurm.yaml)
         self.config = self.task_function = self.hydra_context = None
@@ -64,7 +65,11 @@ class StackedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from actgrad.checks import check_counts, release_errors
         from actgrad.grouping import group_key  # from the configs alone: this process imports no torch
+
+        check_counts(self.config)  # the sweep's own settings (jobs_per_gpu): one line, before any job starts
+        release_errors()  # Hydra composed every job: its errors would have stopped the sweep by now
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
