@@ -1,16 +1,16 @@
 """Time and memory of preparing the names data, against a plain reading of the same file.
 
-    python scripts/bench_data.py                 # a synthetic 200 MB names file, 3 rounds
-    python scripts/bench_data.py --mb 20 --rounds 5
-    python scripts/bench_data.py --data /work/shared/data/names.txt
+    python scripts/bench_data.py --data /work/shared/data/names.txt --rounds 5
+    python scripts/bench_data.py --mb 10          # a synthetic names file of 10 MB (1.4M names)
 
-The synthetic file is the 1990 US Census first names (actgrad.data.census_names()), sampled
-with a fixed seed until it has N MB: real-looking names, as many as a big data set has.
+The synthetic file (the default, 1 MB) is the 1990 US Census first names (actgrad.data.census_names()),
+sampled with a fixed seed until it has N MB: real-looking names, as many as you like.
 Every measurement runs in a fresh process, on one thread, so its peak RSS is its own; each
 round runs the reference and then the preparation. "prepare" is NamesData(path).prepare():
 reading and checking the file, the seeded split of the names, the examples of all splits.
 The reference is `len(open(path).read().splitlines())`: what reading the file costs at all.
-The table gives medians over rounds and prepare's figures as a ratio of the reference's.
+The table gives medians over rounds and prepare's figures as a ratio of the reference's; the
+memory grown per byte of the file is what actgrad.data.PREPARE_BYTES_PER_BYTE estimates.
 """
 
 import argparse
@@ -88,8 +88,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--data", help="names file to prepare (default: a synthetic one of --mb MB in a temp dir)")
-    parser.add_argument("--mb", type=float, default=200, help="size of the synthetic names file in MB (default 200)")
-    parser.add_argument("--rounds", type=int, default=3, help="measurements of each kind, medians shown (default 3)")
+    parser.add_argument("--mb", type=float, default=1, help="size of the synthetic names file in MB (default 1)")
+    parser.add_argument("--rounds", type=int, default=5, help="measurements of each kind, medians shown (default 5)")
     parser.add_argument("--block-size", type=int, default=3, help="context length of the examples (default 3)")
     parser.add_argument("--child", choices=["prepare", "reference", "synthetic"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,11 +129,11 @@ def report(path: str, origin: str, block_size: int, runs: dict) -> None:
     size = os.path.getsize(path)
     print(f"\n{path} ({origin}): {size / MB:.1f} MB, {prepared['names']:,} names; block_size {block_size}; "
           f"medians of {len(runs['prepare'])} rounds, one thread")
-    print(f"{'':34}{'seconds':>10}{'peak RSS MB':>14}{'RSS at start MB':>17}{'bytes/char':>12}")
+    print(f"{'':34}{'ms':>10}{'peak RSS MB':>14}{'RSS at start MB':>17}{'bytes/char':>12}")
     for label, kind, per_char in (("reference: read + splitlines", "reference", ""),
                                   ("NamesData(path).prepare()", "prepare", f"{prepared['bytes_per_char']:12.2f}")):
         m = med[kind]
-        print(f"{label:34}{m['seconds']:10.2f}{m['peak_rss_mb']:14.0f}{m['start_rss_mb']:17.0f}{per_char}")
+        print(f"{label:34}{m['seconds'] * 1e3:10.1f}{m['peak_rss_mb']:14.0f}{m['start_rss_mb']:17.0f}{per_char}")
     grown = {k: med[k]["peak_rss_mb"] - med[k]["start_rss_mb"] for k in med}
     print(f"{'prepare / reference':34}{med['prepare']['seconds'] / med['reference']['seconds']:9.1f}x"
           f"{med['prepare']['peak_rss_mb'] / med['reference']['peak_rss_mb']:13.1f}x")
