@@ -2,8 +2,8 @@
 
 act/layerN, preact/layerN, act_grad/layerN and param_grad/<param>: the same quantities as
 the scalar diagnostics, whole. actgrad.writer bins each on its device into 30 buckets and
-writes them in one event: ~40 us a histogram of the default model (~0.6 KB of event
-file), so every_n_steps=1 is affordable for a short run; the default cadence keeps files small.
+writes them in one event (about 0.6 KB of event file for the default model), so
+every_n_steps=1 is affordable for a short run; the default cadence keeps files small.
 """
 
 from actgrad.diagnostic import Diagnostic

@@ -29,7 +29,7 @@ class UpdateRatioFigure(Diagnostic):
         self.draw(trainer.global_step)
 
     # the history goes into checkpoints, so a resumed run draws the whole of it: as one tensor, since
-    # torch.save takes ~50 us per tensor (2,000 of them at the end of a default run: 0.1 s a checkpoint)
+    # torch.save pays per tensor (2,000 of them at the end of a default run)
     def state_dict(self):
         return {"names": self.names, "steps": self.steps,
                 "history": torch.stack(self.history) if self.history else torch.empty(0)}

@@ -12,7 +12,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from actgrad.checks import ConfigError, check_overrides, plugin_hint
-from actgrad.experiment import end_line, number, train
+from actgrad.experiment import end_line, format_value, train
 
 from conftest import ROOT, TINY, make_config
 from test_train import run_cli, scalars
@@ -173,7 +173,7 @@ def test_a_missing_hydra_plugin_says_how_to_install_it():
 
 
 def test_numbers_print_with_sensible_precision():
-    assert [number(v) for v in (2.07123456, 3.8e31, float("nan"), 1.5e-5, 40)] == \
+    assert [format_value(v) for v in (2.07123456, 3.8e31, float("nan"), 1.5e-5, 40)] == \
         ["2.0712", "3.8e+31", "nan", "1.5e-05", "40"]
 
 

@@ -360,13 +360,13 @@ def write_end(trainer, board, cfg, results: dict, latest: dict | None = None) ->
         log.error("could not write the run's end to its loggers: %s", e)
 
 
-def shown(path: Path) -> str:
+def printable_path(path: Path) -> str:
     """A path as one would type it here: relative to the working directory when inside it."""
     relative = os.path.relpath(path)
     return path.as_posix() if relative.startswith("..") else relative
 
 
-def number(value) -> str:
+def format_value(value) -> str:
     """A float as a loss reads: 2.0712, and 3.8e+31 or nan rather than 32 digits; anything else as it is."""
     if isinstance(value, float):
         return f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 else f"{value:.4g}"
@@ -375,13 +375,13 @@ def number(value) -> str:
 
 def end_line(path: Path, results: dict, loggers) -> str:
     """The end of a run in two lines: where it wrote, its status and losses; how to look at it."""
-    losses = ", ".join(f"{k.removeprefix('final/').removesuffix('_loss')} {number(v)}"
+    losses = ", ".join(f"{k.removeprefix('final/').removesuffix('_loss')} {format_value(v)}"
                        for k, v in results.items() if k.startswith("final/"))
-    line = f"run {shown(path)}: {results['status']} at step {results.get('steps', 0):,}" + (f"; loss {losses}" if losses else "")
+    line = f"run {printable_path(path)}: {results['status']} at step {results.get('steps', 0):,}" + (f"; loss {losses}" if losses else "")
     if results.get("error") and results["status"] != "diverged":  # a diverged run's error was said when it happened
         line += f" ({results['error']})"
-    look = [f"tensorboard --logdir {shown(path)}, then {sweep.BOARD_URL}" for lg in loggers if isinstance(lg, TensorBoardLogger)][:1]
-    look += [shown(Path(lg.log_dir) / "metrics.csv") for lg in loggers if isinstance(lg, CSVLogger)]
+    look = [f"tensorboard --logdir {printable_path(path)}, then {sweep.BOARD_URL}" for lg in loggers if isinstance(lg, TensorBoardLogger)][:1]
+    look += [printable_path(Path(lg.log_dir) / "metrics.csv") for lg in loggers if isinstance(lg, CSVLogger)]
     return line + ("\nlook at it: " + "; ".join(look) if look else "")
 
 

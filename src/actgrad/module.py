@@ -1,7 +1,7 @@
 """The LightningModule: a fast training loop around any next-character model.
 
 A step of this model takes well under a millisecond, so Lightning's fixed cost per batch
-(hooks, closures, data fetching: ~400 us, see the lightning-overhead study) would dominate.
+(hooks, closures, data fetching: see docs/performance.md) would dominate.
 We therefore use manual optimization and run a chunk of optimizer steps per Lightning batch
 (`steps_per_batch`, cut at every logging, validation and checkpoint step). Lightning still
 counts every optimizer step in `global_step`, so max_steps, checkpoints and the TensorBoard
@@ -168,7 +168,7 @@ class LanguageModel(L.LightningModule):
 
     def fast_step(self):
         """One optimizer step in plain PyTorch: (x, y, recorder) -> loss."""
-        optimizer = self.optimizers().optimizer  # the raw optimizer: LightningOptimizer.step's wrappers cost ~100 us
+        optimizer = self.optimizers().optimizer  # the raw optimizer: LightningOptimizer.step's wrappers cost a step
         clear, update = getattr(optimizer, "clear_grads", None), getattr(optimizer, "update", None)
         if clear is None or update is None:  # a torch.optim optimizer: its public calls
             clear, update = lambda: optimizer.zero_grad(set_to_none=True), optimizer.step
@@ -215,7 +215,7 @@ class LanguageModel(L.LightningModule):
 
     def _write(self, scalars: dict, step: int) -> dict:
         written = self.writer.scalars(scalars, step)
-        self.written = remember(self.written, step, written)
+        self.written = merge_written(self.written, step, written)
         return written
 
     def _write_train_loss(self):
@@ -260,7 +260,7 @@ def divergence(loss: float, step: int, limit: float) -> str | None:
         "" if not math.isfinite(loss) else f" (above {limit:.4g})")
 
 
-def remember(written: tuple, step: int, scalars: dict) -> tuple:
+def merge_written(written: tuple, step: int, scalars: dict) -> tuple:
     """(step, scalars) written at the latest step: what a resumed attempt writes again (see on_train_start)."""
     previous = written[1] if written[0] == step else {}
     return step, previous | scalars
@@ -277,6 +277,6 @@ def count_optimizer_steps(trainer, n: int) -> None:
     """Tell Lightning that n optimizer steps completed, what LightningOptimizer.step does for one.
 
     The one Lightning internal actgrad uses (Lightning has no public way to advance global_step
-    other than one LightningOptimizer.step per step, ~100 us each): tests/test_fast_path.py fails
+    other than one LightningOptimizer.step per step, each as costly as a step): tests/test_fast_path.py fails
     loudly if a Lightning release moves it."""
     trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(n)

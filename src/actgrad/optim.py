@@ -1,9 +1,9 @@
 """SGD, Adam and AdamW whose parameters and gradients each live in one flat buffer.
 
-A step of the makemore MLP takes ~0.4 ms on a CPU, mostly fixed per-call cost, so the
-optimizer's own overhead matters: torch.optim loops over the parameters in Python, one small op
-each, and wraps `step` in a profiler range and hook dispatch. A whole training step with
-torch.optim.SGD takes ~1.26x as long as with this SGD's update() (scripts/bench_optim.py). Here every
+A step of the makemore MLP is well under a millisecond on a CPU, mostly fixed per-call cost, so
+the optimizer's own overhead matters: torch.optim loops over the parameters in Python, one small
+op each, and wraps `step` in a profiler range and hook dispatch (what this saves:
+scripts/bench_optim.py, figures in docs/performance.md). Here every
 parameter's data is a view of one contiguous buffer (`flat_params`), every parameter's
 `.grad` a view of another (`flat_grads`), and the optimizer state (momentum, Adam's moments)
 views of more flat buffers, so a step is a handful of tensor ops on whole buffers:

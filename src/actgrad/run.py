@@ -154,7 +154,7 @@ def load_module(path, model=None, allow=()) -> tuple[LanguageModel, Path, dict]:
             norm = instantiate(cfg.norm) if cfg.get("norm") else None
             net = instantiate(cfg.model, vocab_size=len(vocab), block_size=config["data"].get("block_size"), norm=norm)
     except Exception as e:  # a target renamed since, a config by hand
-        raise ValueError(f"{file}: cannot rebuild the model its config describes ({first_line(e)})") from None
+        raise ValueError(f"{file}: cannot rebuild the model its config describes ({root_cause(e)})") from None
     # no init rule: it only sets values, and every parameter and buffer comes from the checkpoint
     module = LanguageModel(
         net,
@@ -170,7 +170,7 @@ def load_module(path, model=None, allow=()) -> tuple[LanguageModel, Path, dict]:
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{file}: its weights do not fit the model its config describes ({first_line(e)})") from None
+        raise ValueError(f"{file}: its weights do not fit the model its config describes ({root_cause(e)})") from None
     return module.eval(), file, checkpoint
 
 
@@ -239,7 +239,7 @@ def build_later(node: DictConfig, *args, **kwargs):
     return instantiate(node)(*args, **kwargs)
 
 
-def first_line(error: Exception) -> str:
+def root_cause(error: Exception) -> str:
     while error.__cause__ is not None:  # Hydra wraps what a constructor raised
         error = error.__cause__
     lines = str(error).strip().splitlines()

@@ -25,7 +25,7 @@ from actgrad.checkpoint import AtomicCheckpointIO, load
 from actgrad.data import RandomBatches
 from actgrad.diagnostic import START_HERE, Diagnostic, layout
 from actgrad.keys import MEMBER_NUMBERS
-from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, remember
+from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, merge_written
 from actgrad.rundir import RunDir, fault
 from actgrad.snapshot import Recorder, Snapshot
 from actgrad.stacked_mlp import StackedMLP, member_state, stack_states
@@ -197,7 +197,7 @@ class StackedModule(L.LightningModule):
         group = optimizer.param_groups[0]
         # each member's own numbers (the optimizer's default where its config has none), as a single run has them
         number = lambda key, v: tuple(float(b) for b in v) if key == "betas" else float(v)  # noqa: E731
-        self.member_values = [{key: number(key, m.cfg.optimizer.get(key, group[key]))
+        self.member_values = [{key: format_value(key, m.cfg.optimizer.get(key, group[key]))
                                for key in MEMBER_NUMBERS if key in group and key != "lr"} for m in self.members]
         self.spread_values(self.member_values)
         # the schedule of each member's lr, stepped as one: one parameter group per member
@@ -338,7 +338,7 @@ class StackedModule(L.LightningModule):
 
     def write(self, m: Member, scalars: dict, step: int) -> dict:
         written = m.writer.scalars(scalars, step)
-        m.written = remember(m.written, step, written)
+        m.written = merge_written(m.written, step, written)
         return written
 
     def diverged(self, j: int, error: str, status: str = "diverged"):
