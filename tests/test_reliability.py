@@ -6,6 +6,7 @@ Every test that refuses something lists and hashes the files before and after.
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,14 +101,25 @@ def test_a_refused_run_into_a_new_dir_leaves_no_dir(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the dirs this attempt made are gone, and only those
 
 
-@pytest.fixture
-def finished_run(small_names, tmp_path):
-    """A completed tiny run made through the command line, and its arguments."""
-    run_dir = tmp_path / "run"
-    args = [*TINY, f"data.path={small_names}", f"hydra.run.dir={run_dir}"]
-    proc = cli(*args)
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """A completed tiny run made through the command line, once for this module (a copy per test)."""
+    from conftest import census_sample
+
+    folder = tmp_path_factory.mktemp("trained")
+    names = census_sample(folder / "names.txt")
+    proc = cli(*TINY, f"data.path={names}", f"hydra.run.dir={folder / 'run'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return run_dir, args
+    return folder / "run", names
+
+
+@pytest.fixture
+def finished_run(trained_once, tmp_path):
+    """A copy of the completed tiny run, its own to change, and the arguments that made it."""
+    original, names = trained_once
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir, symlinks=True)
+    return run_dir, [*TINY, f"data.path={names}", f"hydra.run.dir={run_dir}"]
 
 
 @pytest.mark.parametrize("change, says", [
