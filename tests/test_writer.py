@@ -1,9 +1,13 @@
 """actgrad.writer's output read back with TensorBoard's own readers, against independent computations:
 scalar values, histogram statistics and buckets (numpy.histogram over the same values), one event
-per write (per step inside batch()), tensors holding NaN or inf, a resumed run's purge, the checksums."""
+per write (per step inside batch()), tensors holding NaN or inf, a resumed run's purge, the checksums,
+what a process killed after a flush leaves."""
 
 import math
+import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -311,9 +315,8 @@ def test_per_layer_series_go_to_a_subrun_each_under_their_quantity(tmp_path):
 
 def test_subrun_files_sort_after_the_loggers_and_name_each_flat_tag_once(tmp_path):
     logger = tensorboard(tmp_path)
-    writer = Writer([logger])
-    for step in range(3):
-        writer.scalars({"act/std/layer1": 1.0 + step}, step, layers={"layer1"})
+    for step in range(3):  # a Writer each time, as Writer.of(trainer) in a callback: the logger's files all the same
+        Writer([logger]).scalars({"act/std/layer1": 1.0 + step}, step, layers={"layer1"})
     (torch_file,) = [p.name for p in tmp_path.iterdir() if p.name.startswith("events") and not p.name.endswith(".actgrad")]
     assert [p.name for p in (tmp_path / "layer1").iterdir()] == [torch_file + ".actgrad"]
     named = [[v.metadata.plugin_data.content for v in event.summary.value]
@@ -350,3 +353,47 @@ def test_without_crc32c_subruns_go_through_a_file_writer(tmp_path, monkeypatch):
 
     assert events.scalars(tmp_path) == {"act/std/layer1": [(2, 0.5)], "train/loss": [(2, 3.0)]}
     assert [(e.step, e.value) for e in read(tmp_path / "layer1").Scalars("act/std")] == [(2, 0.5)]
+
+
+def test_a_resumed_runs_end_written_after_fit_is_not_purged_again(tmp_path):
+    """Lightning closes the logger's writer when fit ends; what is written after that (a run's end) lands
+    without a second purge marker: the resumed attempt's own steps from the purge step on stay."""
+    Writer([tensorboard(tmp_path)]).write({"loss": -1.0, "act/std/layer1": -1.0}, {}, 8, layers={"layer1"})  # killed past 6
+    time.sleep(1.01 - time.time() % 1)
+    logger = tensorboard(tmp_path, purge_step=6)
+    writer = Writer([logger])
+    for step in range(6, 8):
+        writer.write({"loss": float(step), "act/std/layer1": float(step)}, {}, step, layers={"layer1"})
+    logger.finalize("success")
+    writer.write({"loss": 8.0}, {}, 8)  # opens the logger's writer again, in a new file
+    Writer([logger]).write({"act/std/layer1": 8.0}, {}, 8, layers={"layer1"})
+    writer.flush()
+    from actgrad import events
+
+    logged = events.scalars(tmp_path)
+    assert logged["loss"] == logged["act/std/layer1"] == [(6, 6.0), (7, 7.0), (8, 8.0)]
+
+
+def test_a_flush_leaves_every_event_to_a_killed_process(tmp_path):
+    """What a run killed after a checkpoint leaves: flush() is for the caller that saves one."""
+    script = f"""
+import os, signal, torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from actgrad.writer import Writer
+writer = Writer([TensorBoardLogger(save_dir={str(tmp_path)!r}, name="", version="")])
+for step in range(50):
+    writer.write({{"loss": float(step), "act/std/layer1": float(step)}}, {{"act/layer2": torch.arange(3.0) + step}}, step,
+                 layers={{"layer1", "layer2"}})
+    writer.text("note", f"step {{step}}", step)
+writer.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    from actgrad import events
+
+    run, logged = events.read(tmp_path), events.scalars(tmp_path)
+    assert logged["loss"] == logged["act/std/layer1"] == [(s, float(s)) for s in range(50)]
+    assert [e.step for e in run.Histograms("act/layer2")] == list(range(50))
+    assert [e.step for e in run.Tensors("note/text_summary")] == list(range(50))

@@ -117,6 +117,7 @@ class LanguageModel(L.LightningModule):
             self.stop.restore()
 
     def on_save_checkpoint(self, checkpoint):
+        self.writer.flush()  # what a resume from this checkpoint will not log again must be on disk first
         step, scalars = self.written
         checkpoint["actgrad"] = {**self.record, "pending_losses": [float(l) for l in self._losses],
                                  "written_step": step if step is not None else -1,

@@ -197,7 +197,7 @@ class StackedModule(L.LightningModule):
         group = optimizer.param_groups[0]
         # each member's own numbers (the optimizer's default where its config has none), as a single run has them
         number = lambda key, v: tuple(float(b) for b in v) if key == "betas" else float(v)  # noqa: E731
-        self.member_values = [{key: format_value(key, m.cfg.optimizer.get(key, group[key]))
+        self.member_values = [{key: number(key, m.cfg.optimizer.get(key, group[key]))
                                for key in MEMBER_NUMBERS if key in group and key != "lr"} for m in self.members]
         self.spread_values(self.member_values)
         # the schedule of each member's lr, stepped as one: one parameter group per member
@@ -479,6 +479,7 @@ class StackedCheckpointIO(AtomicCheckpointIO):
         for j, m in enumerate(self.module.members):
             if (members is None and m.results is None) or (members is not None and j in members):
                 try:
+                    m.writer.flush()  # what a resume from this checkpoint will not log again must be on disk first
                     super().save_checkpoint(self.module.member_checkpoint(checkpoint, j),
                                             m.run.path / "checkpoints" / Path(path).name)
                 except OSError as e:  # its disk or folder: this member fails alone, the stack trains on

@@ -11,11 +11,12 @@ is written without them, and `<tag>/nonfinite` (a scalar) says how many there we
 Those events go to an event file of this writer's own (EventFile) beside the logger's, in
 TensorBoard's record format, checksummed in C by the `crc32c` package and written at once:
 torch's SummaryWriter checksums every byte in Python, on a thread that takes the interpreter
-lock from the training loop (~0.1 us a byte, ~0.5 ms a step with every diagnostic on). The file
-is named after the logger's own file plus ".actgrad", so TensorBoard reads it right after that
-one: a resumed run's purge marker (at the start of its logger's file) drops what the killed
-attempt wrote here past its checkpoint too. Figures, charts and text go through the logger's
-SummaryWriter; without `crc32c` installed, everything does.
+lock from the training loop (with every diagnostic on, that made training markedly slower:
+docs/performance.md). The file is named after the logger's own file plus ".actgrad", so
+TensorBoard reads it right after that one: a resumed run's purge marker (at the start of its
+logger's file) drops what the killed attempt wrote here past its checkpoint too. Figures,
+charts and text go through the logger's SummaryWriter (without `crc32c` installed, everything
+does), which writes on a thread: `flush` writes out what it still holds, before a checkpoint.
 
 TensorBoard colours lines by run only, so each layer's series go to a run of their own (a
 subrun: a subdirectory of the logger's dir, as Keras's logs/train and logs/validation), where the
@@ -36,13 +37,13 @@ import os
 import socket
 import struct
 import time
-import weakref
 from contextlib import contextmanager
-from itertools import chain
+from itertools import chain, islice
 
 import numpy
 import torch
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from torch.utils.tensorboard import SummaryWriter
@@ -145,8 +146,9 @@ class Writer:
             if isinstance(writer, SummaryWriter) and writer.file_writer is not None:  # open
                 if runs is None:
                     runs = self.by_run(metrics, hists)
+                files = EventFiles.of(writer)
                 for name, values in runs.items():
-                    events = EventFile.of(writer, name)
+                    events = files.get(name)
                     if events is not None:
                         events.write_values(values, step)
                     else:  # without crc32c, the run itself: through the logger's SummaryWriter
@@ -157,6 +159,13 @@ class Writer:
                 for tag, h in hists.items():
                     writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares,
                                              list(h.bucket_limit), list(h.bucket), step)
+
+    def flush(self) -> None:
+        """What torch's SummaryWriters still hold (figures, text; every event without `crc32c`) to disk: they
+        write on a thread of their own, and a killed process loses what is queued there. For a caller that
+        saves a checkpoint: called first, a run resumed from it has every event logged before its step."""
+        for writer in self.tensorboards():
+            writer.flush()
 
     def by_run(self, metrics: dict, hists: dict) -> dict:
         """{subrun ("": the run itself): [(flat tag, Summary.Value under the tag there), ...]}."""
@@ -207,13 +216,47 @@ class Writer:
             writer.add_text(tag, text, step)
 
 
+class EventFiles:
+    """The EventFiles of one open torch SummaryWriter (a TensorBoard logger's): in its dir and in its
+    subruns', made on first use. Kept on that SummaryWriter (`actgrad_files`), they are its run's own
+    and live as long as it does; on a resumed run, every subrun's file starts with the run's purge marker."""
+
+    def __init__(self, writer):
+        self.logdir = writer.get_logdir()
+        self.purge = purge_step(writer)
+        self.files = {}  # {subrun ("": the writer's own dir): EventFile}
+        if self.purge is not None:  # resumed: every subrun drops the killed attempt's steps, written to now or not
+            for path in subruns(self.logdir):  # from earlier attempts
+                self.get(path.name)
+
+    @classmethod
+    def of(cls, writer) -> "EventFiles":
+        if not hasattr(writer, "actgrad_files"):  # its first write in this run
+            writer.actgrad_files = cls(writer)
+        return writer.actgrad_files
+
+    def get(self, subrun: str) -> "EventFile | None":
+        """The EventFile of the writer's dir ("") or of a subrun; None for its own dir without `crc32c`
+        (the SummaryWriter writes there)."""
+        if crc32c is None and not subrun:
+            return None
+        if subrun not in self.files:
+            self.files[subrun] = self.open(subrun)
+        return self.files[subrun]
+
+    def open(self, subrun: str) -> "EventFile":
+        if not subrun:
+            return EventFile(os.path.join(self.logdir, file_name(self.logdir)))
+        if crc32c is None:
+            return EventFile("", self.purge, FileWriter(os.path.join(self.logdir, subrun)))
+        # named after the logger's file: read in its order
+        return EventFile(os.path.join(self.logdir, subrun, file_name(self.logdir)), self.purge)
+
+
 class EventFile:
     """An event file of our own beside a SummaryWriter's, in its dir or a subrun's: TensorBoard's record
     format (length, masked CRC-32C of the length, the serialized Event, masked CRC-32C of it), written
     and flushed at each event, so a reader (or a killed run) always has every event written so far."""
-
-    files = weakref.WeakKeyDictionary()  # SummaryWriter -> {subrun ("": its own dir): EventFile}, shared by every Writer
-    purges = weakref.WeakKeyDictionary()  # SummaryWriter -> the step its file's purge marker drops from, or None
 
     def __init__(self, path: str, purge_step: int | None = None, file_writer=None):
         self.file_writer = file_writer  # without crc32c: a torch FileWriter of the subrun writes instead
@@ -225,33 +268,6 @@ class EventFile:
             self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
         if purge_step is not None:  # what torch's SummaryWriter writes for purge_step: TensorBoard drops steps >= it
             self.write(Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START)))
-
-    @classmethod
-    def of(cls, writer, subrun: str = "") -> "EventFile | None":
-        """The EventFile of an open torch SummaryWriter's dir or of one of its subruns (made on first use);
-        None for its own dir without `crc32c` (the SummaryWriter writes there)."""
-        if crc32c is None and not subrun:
-            return None
-        files = cls.files.get(writer)
-        if files is None:
-            files = cls.files[writer] = {}
-            cls.purges[writer] = purge_step(writer)
-            if cls.purges[writer] is not None:  # resumed: every subrun drops the killed attempt's steps, written to now or not
-                for name in (path.name for path in subruns(writer.get_logdir())):  # from earlier attempts
-                    files[name] = cls.open(writer, name)
-        if subrun not in files:
-            files[subrun] = cls.open(writer, subrun)
-        return files[subrun]
-
-    @classmethod
-    def open(cls, writer, subrun: str) -> "EventFile":
-        logdir = writer.get_logdir()
-        if not subrun:
-            return cls(os.path.join(logdir, file_name(logdir)))
-        purge = cls.purges.get(writer)
-        if crc32c is None:
-            return cls("", purge, FileWriter(os.path.join(logdir, subrun)))
-        return cls(os.path.join(logdir, subrun, file_name(logdir)), purge)  # named after the logger's file: read in its order
 
     def write_values(self, values: list, step: int) -> None:
         """[(flat tag, Summary.Value)] as one event. A subrun's tag names its flat tag at its first value
@@ -286,32 +302,16 @@ def subrun(tag: str, layers) -> tuple[str, str] | None:
 
 
 def purge_step(writer) -> int | None:
-    """The step of the purge marker that torch's SummaryWriter wrote at the start of its first file in
-    this process (for purge_step: a resumed run), or None. Its first file: Lightning closes the writer
-    when fit ends, and a write after that (a run's end) opens a second file, without the marker."""
+    """The step of the purge marker that torch's SummaryWriter wrote at the start of its first file (for
+    purge_step: a resumed run), or None. Read from the newest file of this process that has one: Lightning
+    closes the writer when fit ends, and a write after that (a run's end) opens another file, without it;
+    an earlier attempt in this process may have left files with a marker of its own."""
     writer.flush()  # torch writes on a thread of its own
-    for name in torch_files(writer.get_logdir()):
-        for event in first_events(os.path.join(writer.get_logdir(), name), 3):  # its file version, then the marker's two
+    for name in reversed(torch_files(writer.get_logdir())):
+        for event in islice(EventFileLoader(os.path.join(writer.get_logdir(), name)).Load(), 3):  # file version, marker's two
             if event.session_log.status == SessionLog.START:
                 return event.step
     return None
-
-
-def first_events(path: str, n: int) -> list:
-    """The first n events of an event file (fewer if it is shorter), checksums unread."""
-    events = []
-    with open(path, "rb") as f:
-        for _ in range(n):
-            header = f.read(12)  # length, its checksum
-            if len(header) < 12:
-                break
-            (length,) = struct.unpack("<Q", header[:8])
-            data = f.read(length)
-            if len(data) < length:
-                break
-            events.append(Event.FromString(data))
-            f.read(4)
-    return events
 
 
 def torch_files(logdir: str) -> list[str]:
