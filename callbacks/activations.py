@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from actgrad.diagnostic import Diagnostic
+from actgrad.layers import nonlinear
 
 
 def saturated(layer, threshold: float = 0.97) -> torch.Tensor:
@@ -22,7 +23,8 @@ def saturated(layer, threshold: float = 0.97) -> torch.Tensor:
         return ~(layer.out > 0)
     with torch.enable_grad():
         x = layer.pre.detach().requires_grad_()
-        (slope,) = torch.autograd.grad(layer.act(x).sum(), x)
+        # an in-place nonlinearity (ReLU6(inplace=True)) may not write into a leaf: it gets a copy
+        (slope,) = torch.autograd.grad(layer.act(x.clone() if getattr(layer.act, "inplace", False) else x).sum(), x)
     return slope.abs() < 1 - threshold**2
 
 
@@ -52,9 +54,10 @@ class Activations(Diagnostic):
             self.charts |= {"act/mean": ["act/mean$"], "preact/mean": ["preact/mean$"]}
 
     def setup(self, trainer, pl_module, stage):
-        """No act/dead chart for a tanh-only network: it logs no such tag (the layout is written after this)."""
-        blocks = getattr(getattr(pl_module, "net", None), "blocks", None)
-        if blocks is not None and all(isinstance(block.act, nn.Tanh) for block in blocks):
+        """No act/dead chart when every nonlinearity module is a tanh: no such tag is logged (the layout is
+        written after this). Found by type, as the layers are (actgrad.layers)."""
+        net = getattr(pl_module, "net", pl_module)
+        if all(isinstance(m, nn.Tanh) for m in net.modules() if nonlinear(m)):
             self.charts = {title: tags for title, tags in self.charts.items() if not title.startswith("act/dead")}
 
     def compute(self, snapshot):

@@ -6,24 +6,32 @@ normalizes with them. The lecture ends by computing them exactly instead, in one
 whole training split. Once, when training ends, this measures how far apart the two are and what
 the exact ones would change on the validation loss. The model is left exactly as it was.
 
-Logged at the final step, for each hidden layer N with BatchNorm (0 means exact):
-    bn_calibration/mean_error/layerN  mean over units of |running_mean - mean| / sqrt(var + eps):
+Every BatchNorm module (1-d, 2-d, 3-d, wherever it sits) that keeps running statistics is one,
+named by the layer it feeds, layerN, when a watched nonlinearity is called after it (actgrad.layers:
+the MLP's layer1, ...), else by its module path. Logged at the final step, for each (0 means exact):
+    bn_calibration/mean_error/<name>  mean over channels of |running_mean - mean| / sqrt(var + eps):
                                       how far off the normalized output's centre is, in its own units
-    bn_calibration/var_error/layerN   mean over units of |running_var - var| / (var + eps)
+    bn_calibration/var_error/<name>   mean over channels of |running_var - var| / (var + eps)
 and the validation loss in eval mode with the running statistics and with the exact ones:
     bn_calibration/val_loss_running, bn_calibration/val_loss_calibrated
 
-mean and var (unbiased, as running_var) are over the whole training split, taken layer by layer
-in eval mode: layer N's input is computed with layers 1..N-1 already calibrated, as the
+mean and var (unbiased, as running_var) are per channel (dimension 1) over the whole training split
+and every other dimension (the time of BatchNorm1d on (N, C, L)), taken norm by norm in call order,
+in eval mode: a norm's input is computed with the norms called before it already calibrated, as the
 calibrated network sees it. A network without BatchNorm logs nothing.
 """
 
 import lightning as L
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from actgrad.layers import BATCHNORMS, feeds, probe
 from actgrad.writer import Writer
+
+
+def running(module) -> bool:
+    """A BatchNorm that normalizes with running statistics in eval mode."""
+    return isinstance(module, BATCHNORMS) and module.track_running_stats and module.running_mean is not None
 
 
 class Reached(Exception):
@@ -36,10 +44,9 @@ class BNCalibration(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         net = pl_module.net
-        norms = {f"layer{i}": block.norm for i, block in enumerate(net.blocks, 1)
-                 if isinstance(getattr(block, "norm", None), nn.BatchNorm1d) and block.norm.track_running_stats}
-        if not norms:
+        if not any(running(m) for m in net.modules()):
             return
+        norms = self.norms(net, trainer.datamodule.splits["train"][0].shape[1])
         # the final checkpoint is saved after this hook: put back every buffer and each module's mode
         buffers = {name: b.clone() for name, b in net.named_buffers()}
         modes = {m: m.training for m in net.modules()}
@@ -53,6 +60,18 @@ class BNCalibration(L.Callback):
             for m, mode in modes.items():
                 m.training = mode
         Writer.of(trainer).scalars(scalars, trainer.global_step, layers=norms)  # a chart per quantity, a line per layer
+
+    @staticmethod
+    def norms(net, block_size: int) -> dict:
+        """{name: BatchNorm} in call order (one probe, which changes nothing): named by the layer each feeds,
+        or by its path (so is a second norm feeding the same layer)."""
+        _, calls = probe(net, block_size, when="start")
+        fed, norms = feeds(calls), {}
+        for path, module in calls:
+            if running(module) and module not in norms.values():
+                name = fed.get(path, path)
+                norms[name if name not in norms else path] = module
+        return norms
 
     @torch.no_grad()
     def calibrate(self, net, norms: dict, splits: dict, device) -> dict:
@@ -75,7 +94,7 @@ class BNCalibration(L.Callback):
 
         def take(module, inputs):
             nonlocal count, mean, m2
-            h = inputs[0]
+            h = inputs[0].movedim(1, -1).flatten(0, -2)  # (N, C, *) -> (N * ..., C): a row per value of a channel
             n, h_mean = len(h), h.mean(0)
             delta, total = h_mean - mean, count + len(h)
             mean = mean + delta * n / total

@@ -127,7 +127,7 @@ def test_a_refused_run_or_sweep_leaves_nothing_in_the_working_dir(args, says, tm
         (["lr=0.1"], "lr=0.1: no such setting; did you mean optimizer.lr?"),
         (["trainer.max_step=10"], "trainer.max_step=10: no such setting; did you mean trainer.max_steps?"),
         (["optimizer.foo=1"], "optimizer.foo=1: no such setting; optimizer has: _target_, _partial_, lr, momentum"),
-        (["foo=1"], "foo=1: no such setting; top-level keys are: data, model, init, norm, optimizer"),
+        (["foo=1"], "foo=1: no such setting; top-level keys are: data, norm, model, init, optimizer"),
         (["optimizer=adam", "optimizer.momentum=0.9"],
          "optimizer.momentum=0.9: no such setting; optimizer has: _target_"),
         (["seed=abc"], "seed='abc': expected an integer"),

@@ -98,3 +98,86 @@ def test_naive_init_starts_far_above_the_baseline(names_txt):
 def test_bad_model_settings_name_the_value(kw, complaint):
     with pytest.raises(ValueError, match=complaint.replace(".", r"\.")):
         MLP(**kw)
+
+
+# ---------------------------------------------------------------- the MLP's weights as before inits went by role
+
+
+class Before:
+    """The rules as they were written for the MLP alone (its embedding, hidden_linears(), output and
+    activation attributes): inits by role must give it the same weights, bit for bit."""
+
+    @staticmethod
+    @torch.no_grad()
+    def naive(model):
+        torch.nn.init.normal_(model.embedding.weight)
+        for layer in model.hidden_linears() + [model.output]:
+            torch.nn.init.normal_(layer.weight)
+            if layer.bias is not None:
+                torch.nn.init.normal_(layer.bias)
+
+    @staticmethod
+    @torch.no_grad()
+    def scaled(model, output_weight=0.01, output_bias=0.0, hidden_weight=0.2, hidden_bias=0.01):
+        Before.naive(model)
+        model.output.weight.mul_(output_weight)
+        model.output.bias.mul_(output_bias)
+        for layer in model.hidden_linears():
+            layer.weight.mul_(hidden_weight)
+            if layer.bias is not None:
+                layer.bias.mul_(hidden_bias)
+
+    @staticmethod
+    @torch.no_grad()
+    def kaiming(model, gain=None, output_scale=0.1):
+        gain = init.gain_for(model.activation) if gain is None else gain
+        torch.nn.init.normal_(model.embedding.weight)
+        for layer in model.hidden_linears():
+            torch.nn.init.normal_(layer.weight, std=gain / math.sqrt(layer.in_features))
+            if layer.bias is not None:
+                torch.nn.init.zeros_(layer.bias)
+        torch.nn.init.normal_(model.output.weight, std=output_scale / math.sqrt(model.output.in_features))
+        torch.nn.init.zeros_(model.output.bias)
+
+    @staticmethod
+    @torch.no_grad()
+    def xavier(model, gain=None):
+        gain = init.gain_for(model.activation) if gain is None else gain
+        torch.nn.init.normal_(model.embedding.weight)
+        for layer in model.hidden_linears():
+            torch.nn.init.xavier_normal_(layer.weight, gain=gain)
+            if layer.bias is not None:
+                torch.nn.init.zeros_(layer.bias)
+        torch.nn.init.xavier_normal_(model.output.weight)
+        torch.nn.init.zeros_(model.output.bias)
+
+    @staticmethod
+    def pytorch(model):
+        pass
+
+
+RULES = {"naive": ("naive", {}), "scaled": ("scaled", {}),  # conf/init/*.yaml's settings
+         "scaled_output": ("scaled", {"hidden_weight": 1.0, "hidden_bias": 1.0}),
+         "kaiming": ("kaiming", {"gain": None, "output_scale": 0.1}), "xavier": ("xavier", {"gain": None}),
+         "pytorch": ("pytorch", {})}
+
+
+def built(rule, kw, n_layers, activation, norm, **where):
+    torch.manual_seed(1234)
+    net = MLP(n_hidden=100 if n_layers == 5 else 200, n_layers=n_layers, activation=activation, norm=NORMS[norm])
+    rule(net, **kw, **where)
+    return net.state_dict(), torch.rand(4)  # and the random stream after it: what is drawn next must not move
+
+
+@pytest.mark.parametrize("name", RULES)
+@pytest.mark.parametrize("where", [{}, {"block_size": 3}], ids=["registered-order", "probed"])
+def test_the_mlp_gets_the_weights_it_always_had(name, where):
+    rule, kw = RULES[name]
+    for n_layers in (1, 5):
+        for activation in ("tanh", "relu", "gelu", "leaky_relu"):
+            for norm in NORMS:
+                before, next_before = built(getattr(Before, rule), kw, n_layers, activation, norm)
+                now, next_now = built(getattr(init, rule), kw, n_layers, activation, norm, **where)
+                assert before.keys() == now.keys()
+                assert all(torch.equal(before[k], now[k]) for k in before), (n_layers, activation, norm)
+                assert torch.equal(next_before, next_now)

@@ -4,8 +4,9 @@ only into the run that made them.
 A run is defined by its config minus what only changes how it is watched or where it is
 written (cadences, diagnostics, paths, threads: actgrad.keys): `run_config`. Its hash goes into run.yaml
 (written when a run starts) and into every checkpoint, and an attempt resumes a run dir or a
-`ckpt_path` only when the hashes match. `init_from=<checkpoint>` starts a new run from another
-run's weights instead.
+`ckpt_path` only when the hashes match. Both also record the parameter shapes, outside the hash:
+one's own model can change them under the same config, and a resume with other shapes is refused.
+`init_from=<checkpoint>` starts a new run from another run's weights instead.
 """
 
 import hashlib
@@ -111,18 +112,34 @@ def check_same_run(found: dict | None, ours: dict, where: str, hint_ckpt: str | 
         raise Refused(f"{where} was made with another config ({diff}); {way_out}")
 
 
+def check_same_shapes(found: dict | None, ours: dict, where: str) -> None:
+    """Refuse, in one line naming the first parameter whose shape differs, a run whose model has other shapes
+    under the same config (a model's code changed since). A record without shapes (an older actgrad's) passes."""
+    old, new = (found or {}).get("shapes"), ours.get("shapes")
+    if old is None or new is None:
+        return
+    for name in list(new) + [n for n in old if n not in new]:
+        if old.get(name) != new.get(name):
+            there, here = (tuple(shapes[name]) if name in shapes else "absent" for shapes in (old, new))
+            raise Refused(f"{where} holds a model of other shapes ({name} is {there} there, {here} now: the model's "
+                          "code changed since); give another hydra.run.dir (hydra.sweep.dir in a sweep)")
+
+
 def plan_start(run_dir: Path, cfg: DictConfig, record: dict, status: dict | None, run_yaml: dict | None) -> Start:
     """Decide where this attempt starts, or raise Refused / AlreadyCompleted. Nothing is written."""
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if run_yaml is not None:
         check_same_run(run_yaml, record, f"{run_dir} (run.yaml)", str(last) if last.is_file() else None)
+        check_same_shapes(run_yaml, record, f"{run_dir} (run.yaml)")  # before `completed`: its results are another model's
         if status and status.get("status") == "completed" and not cfg.ckpt_path:
             raise AlreadyCompleted(status)
     start = Start()
     path = cfg.ckpt_path or (str(last) if last.is_file() else None)
     if path:
         checkpoint = load(path, key="ckpt_path" if cfg.ckpt_path else None)
-        check_same_run(checkpoint.get("actgrad"), record, f"ckpt_path={path}" if cfg.ckpt_path else str(path), path)
+        where = f"ckpt_path={path}" if cfg.ckpt_path else str(path)
+        check_same_run(checkpoint.get("actgrad"), record, where, path)
+        check_same_shapes(checkpoint.get("actgrad"), record, where)
         start.ckpt_path, start.step = str(path), int(checkpoint.get("global_step", 0))
     if cfg.get("init_from") and not start.ckpt_path:
         start.init_weights = load(cfg.init_from, key="init_from").get("state_dict", {})

@@ -77,6 +77,9 @@ def check_config(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
             raise ConfigError(f"{key}={value!r}: must be a number > 0")
+    if OmegaConf.is_missing(cfg.model, "_target_"):  # conf/model/custom.yaml's ???
+        raise ConfigError("model._target_: not set; model=custom trains your own nn.Module: "
+                          "model._target_=mypkg.Net (README, 'Bring your own model')")
     check_counts(cfg)
 
 

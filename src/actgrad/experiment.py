@@ -6,10 +6,12 @@ the run's last checkpoint if it has one; then write the status. An attempt that 
 removes only what it created itself.
 """
 
+import inspect
 import logging
 import math
 import os
 import platform
+import pydoc
 import shutil
 import signal
 import subprocess
@@ -33,6 +35,7 @@ from torch.utils.tensorboard.writer import FileWriter
 from actgrad import events, hparams, sweep  # noqa: F401  (sweep registers the resolvers conf/config.yaml uses)
 from actgrad.checks import ConfigError, check_config, explain, first_line
 from actgrad.checkpoint import AlreadyCompleted, AtomicCheckpointIO, check_shapes, config_hash, plan_start, run_config
+from actgrad.layers import probe
 from actgrad.module import Diverged, LanguageModel
 from actgrad.rundir import Busy, RunDir, fault
 from actgrad.stop import StopRequest, stop_file
@@ -63,9 +66,11 @@ def build(cfg: DictConfig):
     L.seed_everything(cfg.seed, verbose=False)
     data = instantiate(cfg.data)
     data.prepare()
-    norm = instantiate(cfg.norm) if cfg.norm else None
-    net = instantiate(cfg.model, vocab_size=data.vocab_size, block_size=data.block_size, norm=norm)
-    instantiate(cfg.init)(net)
+    net = build_net(cfg, data.vocab_size, data.block_size)
+    check_output(net, cfg.model._target_, data.vocab_size, data.block_size)
+    init = instantiate(cfg.init)
+    named, any_keyword = parameter_names(init)  # actgrad's rules find roles (embedding, hidden, output) by call order
+    init(net, **({"block_size": data.block_size} if "block_size" in named or any_keyword else {}))
     if cfg.compile:
         net.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
     module = LanguageModel(
@@ -81,12 +86,67 @@ def build(cfg: DictConfig):
     return data, module
 
 
+def build_net(cfg: DictConfig, vocab_size: int, block_size: int) -> torch.nn.Module:
+    """The network of cfg.model, given vocab_size and block_size only if its constructor names them (or takes
+    **kwargs), and the norm group's layer only if it names `norm`: nothing it did not ask for. A norm its
+    model does not take is refused in one line, so no record shows a norm the model did not use."""
+    target = cfg.model._target_
+    found = pydoc.locate(target)
+    if found is None:
+        raise ConfigError(f"model._target_={target}: cannot import it; give a class (or function) importable "
+                          "from here, e.g. model._target_=mypkg.Net with mypkg on PYTHONPATH")
+    named, any_keyword = parameter_names(found)
+    args = {k: v for k, v in {"vocab_size": vocab_size, "block_size": block_size}.items() if k in named or any_keyword}
+    if cfg.get("norm"):
+        if "norm" not in named:  # **kwargs would swallow it unused
+            raise ConfigError(f"norm={norm_name(cfg)}: {target} takes no `norm` argument, so the norm group does not "
+                              "apply to it; give norm=none (model=custom does by default)")
+        args["norm"] = instantiate(cfg.norm)
+    return instantiate(cfg.model, **args)
+
+
+def parameter_names(target) -> tuple[set, bool]:
+    """(the argument names a class or function takes, whether it takes **kwargs); (set(), False) when
+    Python cannot tell (some built-ins): then it is given nothing but its config."""
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return set(), False
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named, any(p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+def norm_name(cfg: DictConfig) -> str:
+    """The norm as the user chose it: its option (batchnorm) under Hydra, else its target."""
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get("norm"))
+    return str(cfg.norm.get("_target_", cfg.norm))
+
+
+def check_output(net: torch.nn.Module, target: str, vocab_size: int, block_size: int) -> None:
+    """The contract (README, "Bring your own model"): (batch, block_size) int64 indices in, (batch, vocab)
+    float logits out. Refused in one line before training. The probe pass changes no random stream and no
+    buffer (layers.probe), so a run with this check logs what a run without it logs."""
+    out, _ = probe(net, block_size)
+    batch, name = 2, f"model._target_={target}"
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        got = f"a {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{name}: returns {got}; expected float logits of shape (batch, vocab)")
+    got = tuple(out.shape)
+    if got == (batch, block_size, vocab_size):
+        raise ConfigError(f"{name}: returns logits for every position, (batch, block_size, vocab) = {got}; actgrad "
+                          "trains on the next character after each window only: return (batch, vocab), e.g. logits[:, -1]")
+    if got != (batch, vocab_size):
+        raise ConfigError(f"{name}: returns logits of shape {got} for a (batch, block_size) = {(batch, block_size)} "
+                          f"input; expected (batch, vocab) = {(batch, vocab_size)}")
+
+
 def prepare(cfg: DictConfig, run: RunDir, extra_callbacks=()):
     """Everything that can refuse the attempt, before anything is written: (data, module, start, trainer)."""
     check_config(cfg)
     data, module = build(cfg)
     module.configure_optimizers()  # built here, not first in fit: its settings are refused before anything is written
-    module.record = run_record(cfg, data)
+    module.record = run_record(cfg, data, module.net)
     start = plan_start(run.path, cfg, module.record, run.status(), run.read_yaml("run.yaml"))
     if start.init_weights is not None:
         check_shapes(start.init_weights, module, cfg.init_from)
@@ -94,10 +154,20 @@ def prepare(cfg: DictConfig, run: RunDir, extra_callbacks=()):
     return data, module, start, build_trainer(cfg, run, build_loggers(cfg, run, start), extra_callbacks)
 
 
-def run_record(cfg: DictConfig, data) -> dict:
-    """What defines the run (its config, the data's sha256 for its path) and its hash: in run.yaml and checkpoints."""
-    record = run_config(cfg, data.describe()["sha256"])
-    return {"config_hash": config_hash(record), "run_config": record}
+def run_record(cfg: DictConfig, data, net=None) -> dict:
+    """What defines the run (its config, the data's sha256 for its path) and its hash, and the shapes of its
+    parameters: in run.yaml and checkpoints. The shapes are not hashed: a model's code can change them
+    under the same config, and a resume then is refused naming the parameter (checkpoint.check_same_shapes)."""
+    config = run_config(cfg, data.describe()["sha256"])
+    record = {"config_hash": config_hash(config), "run_config": config}
+    if net is not None:
+        record["shapes"] = shapes(net)
+    return record
+
+
+def shapes(net: torch.nn.Module) -> dict:
+    """{parameter name: its shape as a list}: what run.yaml records of the network."""
+    return {name: list(p.shape) for name, p in net.named_parameters()}
 
 
 def build_trainer(cfg: DictConfig, run: RunDir, loggers: list, extra_callbacks=()) -> L.Trainer:
@@ -294,7 +364,7 @@ def end(cfg, trainer, module, data, results: dict, board=None, latest: dict | No
         if results["status"] == "completed":
             finish(cfg, trainer, module, data, results)
         if results["status"] != "failed" or not results["error"].startswith("OSError"):
-            write_end(trainer, board, cfg, results, latest=latest)  # a disk that failed once is not written to again
+            write_end(trainer, board, cfg, results, latest=latest, net=module.net)  # a disk that failed once is not written to again
     except Exception as e:
         log.exception("could not write the run's end")
         results.update(status="failed", error=f"writing the run's end: {type(e).__name__}: {first_line(e)}")
@@ -332,7 +402,7 @@ def final_values(board, results: dict, latest: dict | None = None) -> dict:
     return finals
 
 
-def write_end(trainer, board, cfg, results: dict, latest: dict | None = None) -> None:
+def write_end(trainer, board, cfg, results: dict, latest: dict | None = None, net=None) -> None:
     """The run's end in every logger: final values at the final step, the hyperparameters, the status.
     An interrupted run writes only its status: the attempt that resumes it purges from this step.
     `board`, `latest`: where the final saturations come from (final_values)."""
@@ -348,7 +418,7 @@ def write_end(trainer, board, cfg, results: dict, latest: dict | None = None) ->
                 # torch's summary.hparams, written into the run's own dir: Lightning's log_hyperparams would
                 # also write the metrics at step 0, and SummaryWriter.add_hparams into a new run of its own
                 hparams_file = FileWriter(logger.log_dir)
-                for summary in hparams_summary(columns, dict.fromkeys(hparams.metrics(cfg), 0.0)):
+                for summary in hparams_summary(columns, dict.fromkeys(hparams.metrics(cfg, net), 0.0)):
                     hparams_file.add_summary(summary, step)
                 hparams_file.close()
         writer.text("status", yaml.safe_dump(results, sort_keys=False), step)

@@ -92,7 +92,7 @@ def prepare_member(full: DictConfig, run_dir: Path) -> Member | dict:
         check_config(cfg)
         data, module = experiment.build(cfg)  # as a single run builds it: same seed, same init
         module.configure_optimizers()  # its settings checked now, one line if bad
-        module.record = experiment.run_record(cfg, data)
+        module.record = experiment.run_record(cfg, data, module.net)
         start = plan_start(run.path, cfg, module.record, run.status(), run.read_yaml("run.yaml"))
         member = Member(cfg, full, run, module, start, data=data,
                         callbacks=[instantiate(c) for c in (cfg.callbacks or {}).values()],

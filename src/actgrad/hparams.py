@@ -15,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from actgrad.keys import role
+from actgrad.layers import watched
 
 # How a run is watched, debugged or launched: not columns. TensorBoard shows the first five columns by name
 # (what differs first, but it cannot tell from a written experiment), so every extra group hides one.
@@ -53,6 +54,12 @@ def columns(cfg: DictConfig) -> dict:
     return values | choices
 
 
-def metrics(cfg: DictConfig) -> list[str]:
-    """The metric columns: the lecture's numbers, and each hidden layer's final saturation."""
-    return METRICS + [f"final/saturation/layer{i}" for i in range(1, cfg.model.n_layers + 1)]
+def metrics(cfg: DictConfig, net=None) -> list[str]:
+    """The metric columns: the lecture's numbers, and each watched layer's final saturation (the layers
+    `net` calls, found by one probe that changes nothing: actgrad.layers.watched). Without `net`, the
+    MLP's n_layers, for a caller not yet passing it."""
+    if net is not None:
+        layers = list(watched(net, cfg.data.block_size, quiet=True).paths)
+    else:
+        layers = [f"layer{i}" for i in range(1, OmegaConf.select(cfg, "model.n_layers", default=0) + 1)]
+    return METRICS + [f"final/saturation/{name}" for name in layers]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from actgrad.checks import ConfigError, first_line
 from actgrad.diagnostic import START_HERE, Diagnostic, layout
 from actgrad.keys import PLAIN_PRECISION
+from actgrad.layers import watched
 from actgrad.snapshot import Recorder
 from actgrad.writer import Writer
 
@@ -73,6 +74,7 @@ class LanguageModel(L.LightningModule):
         self._losses = []  # per-step losses on the device since the last write: no host sync per step
         self.written = (None, {})  # (step, scalars) last written by the loop: a resume writes them again
         self.started = False  # Lightning skips the loop, and its start hooks, when resumed at max_steps
+        self.layers = None  # the layers the diagnostics watch (actgrad.layers.watched), found when fit starts
         if config is not None:
             self.save_hyperparameters(config, logger=False)  # in checkpoints; HPARAMS gets our columns (hparams.py)
 
@@ -88,6 +90,8 @@ class LanguageModel(L.LightningModule):
 
     def on_fit_start(self):
         self.writer = Writer.of(self.trainer)
+        block_size = getattr(self.trainer.datamodule, "block_size", None)  # what the diagnostics watch; logged
+        self.layers = watched(self.net, block_size) if block_size else None
         self.diagnostics = [cb for cb in self.trainer.callbacks if isinstance(cb, Diagnostic)]
         for d in self.diagnostics:
             d.writer, d.last_step = self.writer, self.trainer.max_steps - 1
@@ -151,7 +155,7 @@ class LanguageModel(L.LightningModule):
         for i in range(len(xs)):
             step = first + i
             watching = [d for d in self.diagnostics if d.wants(step)]
-            recorder = Recorder(self.net, set().union(*(d.needs for d in watching))) if watching else None
+            recorder = Recorder(self.net, set().union(*(d.needs for d in watching)), self.layers) if watching else None
             loss = step_once(xs[i], ys[i], recorder)
             if watching:
                 snapshot = recorder.snapshot(step, loss, self.lr())

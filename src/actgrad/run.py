@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actgrad import checkpoint as checkpoint_file
 from actgrad.data import VOCAB
-from actgrad.experiment import DIVERGED_AT
+from actgrad.experiment import DIVERGED_AT, build_net
 from actgrad.module import LanguageModel
 
 BUILT = ("model", "norm", "optimizer", "scheduler")  # the config nodes load instantiates (the last two in build_later)
@@ -151,8 +151,7 @@ def load_module(path, model=None, allow=()) -> tuple[LanguageModel, Path, dict]:
     cfg = OmegaConf.create(config)
     try:
         with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the caller's RNG alone
-            norm = instantiate(cfg.norm) if cfg.get("norm") else None
-            net = instantiate(cfg.model, vocab_size=len(vocab), block_size=config["data"].get("block_size"), norm=norm)
+            net = build_net(cfg, len(vocab), config["data"].get("block_size"))
     except Exception as e:  # a target renamed since, a config by hand
         raise ValueError(f"{file}: cannot rebuild the model its config describes ({root_cause(e)})") from None
     # no init rule: it only sets values, and every parameter and buffer comes from the checkpoint

@@ -10,18 +10,19 @@ dimension on every tensor) gives each member's diagnostics `snapshot.member(i)`:
 Snapshot of that member alone, so a diagnostic is written once, for a run of one.
 """
 
-import re
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
+
+from actgrad.layers import Layers, nonlinear, param_name
 
 NEEDS = {"layers", "params", "grads", "updates"}
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One hidden layer on the watched step."""
+    """One hidden layer on the watched step: one call of a nonlinearity module."""
 
     act: nn.Module  # its nonlinearity
     pre: torch.Tensor  # the nonlinearity's input: after the norm, if there is one
@@ -34,7 +35,7 @@ class Snapshot:
     step: int  # optimizer steps done before this one: step 0 sees the untrained model
     loss: torch.Tensor
     lr: float
-    layers: dict = field(default_factory=dict)  # "layer1".. -> Layer                       (needs "layers")
+    layers: dict = field(default_factory=dict)  # "layer1".. in call order -> Layer        (needs "layers")
     params: dict = field(default_factory=dict)  # tag name -> value before the update      (needs "params")
     grads: dict = field(default_factory=dict)  # tag name -> gradient                      (needs "grads")
     updates: dict = field(default_factory=dict)  # tag name -> after minus before          (needs "updates")
@@ -51,42 +52,47 @@ class Snapshot:
                        params=pick(self.params), grads=pick(self.grads), updates=pick(self.updates))
 
 
-def param_name(name: str) -> str:
-    """A parameter's name in tags: blocks.0.linear.weight -> layer1.weight, blocks.0.norm.bias -> layer1.norm.bias."""
-    m = re.fullmatch(r"blocks\.(\d+)\.(?:linear\.)?(.+)", name)
-    return f"layer{int(m[1]) + 1}.{m[2]}" if m else name
-
-
 def matrices(tensors: dict) -> dict:
     """The weight matrices of {name: tensor} (embedding, hidden and output weights), as the lecture looks at."""
     return {name: t for name, t in tensors.items() if t.ndim >= 2}
 
 
 class Recorder:
-    """Records one step's Snapshot for a network: layer hooks attached for that step only."""
+    """Records one step's Snapshot for a network: layer hooks attached for that step only.
 
-    def __init__(self, net: nn.Module, needs: set):
+    The layers are the calls of nonlinearity modules (actgrad.layers.NONLINEARITIES), found by type,
+    named layer1, layer2, ... in the order of the step's calls: a module called twice is two layers.
+    `layers` (actgrad.layers.watched, found once when training starts) gives the parameters' tag names;
+    without it, the names of actgrad's MLP (param_name)."""
+
+    def __init__(self, net: nn.Module, needs: set, layers: Layers | None = None):
         unknown = set(needs) - NEEDS
         if unknown:
             raise ValueError(f"needs={sorted(unknown)}: accepted: {', '.join(sorted(NEEDS))}")
         self.net, self.needs = net, set(needs)
-        self.params = {param_name(n): p for n, p in net.named_parameters()}
-        self.seen, self.handles, self.before = {}, [], {}
+        tag = layers.tags.get if layers is not None else lambda n, _: param_name(n)
+        self.params = {tag(n, n): p for n, p in net.named_parameters()}
+        self.seen, self.handles, self.before, self.inputs = {}, [], {}, {}
 
     def start(self) -> None:
         """Before the forward pass."""
         if "layers" in self.needs:
-            self.seen = {}
-            self.handles = [block.act.register_forward_hook(self.keep(f"layer{i}"))
-                            for i, block in enumerate(self.net.blocks, 1)]
+            self.seen, self.inputs = {}, {}
+            for module in self.net.modules():
+                if nonlinear(module):
+                    if getattr(module, "inplace", False):  # its input is overwritten by its output: keep a copy
+                        self.handles.append(module.register_forward_pre_hook(self.copy_input))
+                    self.handles.append(module.register_forward_hook(self.keep))
 
-    def keep(self, name):
-        def hook(module, inputs, output):
-            self.seen[name] = {"act": module, "pre": inputs[0].detach(), "out": output.detach()}
-            if output.requires_grad:
-                output.register_hook(lambda grad: self.seen[name].__setitem__("grad", grad.detach()))
+    def copy_input(self, module, inputs):
+        self.inputs[module] = inputs[0].detach().clone()
 
-        return hook
+    def keep(self, module, inputs, output):
+        name = f"layer{len(self.seen) + 1}"  # this call's place in the step
+        pre = self.inputs.pop(module) if module in self.inputs else inputs[0].detach()
+        self.seen[name] = {"act": module, "pre": pre, "out": output.detach()}
+        if output.requires_grad:
+            output.register_hook(lambda grad: self.seen[name].__setitem__("grad", grad.detach()))
 
     def before_update(self) -> None:
         """After backward, before optimizer.step(): the values the update starts from."""
