@@ -102,7 +102,7 @@ class LanguageModel(L.LightningModule):
         if self.global_step == 0:  # TensorBoard keeps one layout per run
             self.writer.charts(layout(self.diagnostics))
             if self.diagnostics:
-                self.writer.text("start here", START_HERE, 0)
+                self.writer.text("start here", START_HERE + watched_table(self.layers), 0)
 
     def on_train_start(self):
         self.started = True
@@ -250,6 +250,16 @@ class LanguageModel(L.LightningModule):
                     for xc, yc in zip(x.split(chunk), y.split(chunk)))
         self.net.train(was_training)
         return total / len(y)
+
+
+def watched_table(layers) -> str:
+    """The start-here card's list of the watched layers: which module each layerN is."""
+    if layers is None:
+        return ""
+    if not layers.paths:
+        return "\n\n**Layers watched:** none. " + layers.line()
+    rows = "\n".join(f"| {name} | `{path}` | {type(layers.modules[name]).__name__} |" for name, path in layers.paths.items())
+    return "\n\n**Layers watched** (each call of a nonlinearity module, in call order):\n\n| layer | module | type |\n|---|---|---|\n" + rows
 
 
 def interval_ends(first: int, now: int, n: int) -> range:

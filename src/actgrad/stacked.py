@@ -25,7 +25,8 @@ from actgrad.checkpoint import AtomicCheckpointIO, load
 from actgrad.data import RandomBatches
 from actgrad.diagnostic import START_HERE, Diagnostic, layout
 from actgrad.keys import MEMBER_NUMBERS
-from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, merge_written
+from actgrad.layers import watched
+from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, merge_written, watched_table
 from actgrad.rundir import RunDir, fault
 from actgrad.snapshot import Recorder, Snapshot
 from actgrad.stacked_mlp import StackedMLP, member_state, stack_states
@@ -227,13 +228,14 @@ class StackedModule(L.LightningModule):
 
     # --- hooks
     def on_fit_start(self):
-        for m in self.members:
+        for j, m in enumerate(self.members):
             for d in m.diagnostics:
                 d.writer, d.last_step = m.writer, self.trainer.max_steps - 1
             if self.global_step == 0:
                 m.writer.charts(layout(m.diagnostics))
                 if m.diagnostics:
-                    m.writer.text("start here", START_HERE, 0)
+                    table = watched_table(watched(m.module.net, m.data.block_size, quiet=j > 0))  # one line a group
+                    m.writer.text("start here", START_HERE + table, 0)
 
     def on_train_start(self):
         self.started = True
