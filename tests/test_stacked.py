@@ -350,3 +350,14 @@ def test_each_group_shows_a_bar_and_its_members_end_lines(small_names, tmp_path)
         assert re.search(rf"{re.escape(group)} \+1 stacked: 100%\|.*\| 40/40", out), out[-3000:]
     for run in ("init=naive,norm=none", "init=kaiming,norm=none", "init=naive,norm=batchnorm", "init=kaiming,norm=batchnorm"):
         assert f"run {tmp_path / run}: completed at step 40" in out
+
+
+def test_a_run_that_cannot_stack_says_why():
+    from functools import partial
+
+    from actgrad.group import why_alone
+    from actgrad.model import WaveNet
+
+    assert why_alone(MLP(27, 3, 10, 40, 2, norm=partial(nn.BatchNorm1d)), []) is None
+    assert why_alone(MLP(27, 3, 10, 40, 2, norm=partial(nn.RMSNorm)), []).startswith("its norm RMSNorm has no stacked form")
+    assert why_alone(WaveNet(27, 8), []).startswith("WaveNet has no stacked form")

@@ -40,6 +40,7 @@ from actgrad.stacked import (
     StackedData,
     StackedModule,
 )
+from actgrad.model import MLP
 from actgrad.stacked_mlp import member_state, stackable
 from actgrad.stop import StopRequest
 from actgrad.writer import Writer
@@ -108,10 +109,25 @@ def prepare_member(full: DictConfig, run_dir: Path) -> Member | dict:
             log.exception("%s: failed", run.path)
             return failed(run, f"{type(e).__name__}: {first_line(e)}")
         return refused(Member(cfg, full, run, None, None), message)  # leaves only why, for the sweep's summary
-    if not stackable(module.net) or not all(member_capable(c) for c in member.callbacks):
+    reason = why_alone(module.net, member.callbacks)
+    if reason:  # the launcher trains it as a single run: said, and recorded in its attempts
+        log.warning("%s: trains alone: %s", run.path.name, reason)
+        run.log_attempt({"note": f"trains alone: {reason}"})
         run.unlock()
-        return ALONE  # the launcher trains it as a single run
+        return ALONE
     return member
+
+
+def why_alone(net, callbacks) -> str | None:
+    """Why a member cannot train in a stack, in a few words; None when it can."""
+    if not stackable(net):
+        norms = [type(b.norm).__name__ for b in getattr(net, "blocks", []) if hasattr(b, "norm")]
+        what = f"its norm {norms[0]}" if isinstance(net, MLP) and norms else type(net).__name__
+        return f"{what} has no stacked form (stacked: actgrad's MLP with BatchNorm1d, LayerNorm or none)"
+    for c in callbacks:
+        if not member_capable(c):
+            return f"callback {type(c).__name__} overrides Lightning hooks a member's view cannot serve"
+    return None
 
 
 def train_group(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
@@ -140,8 +156,9 @@ def memory_needed(members: list[Member]) -> int:
     optimizer states) and one step's activations, training and evaluating (stacked.EVAL_CHUNK examples)."""
     net, cfg = members[0].module.net, members[0].cfg
     params = sum(p.numel() for p in net.parameters())
-    vocab, layers = len(members[0].data.vocab), cfg.model.n_layers
-    widths = cfg.data.block_size * cfg.model.n_embd + 4 * cfg.model.n_hidden * layers + 3 * vocab  # floats per example
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]  # sizes from the module, not the config
+    hidden = sum(layer.out_features for layer in linears[:-1])
+    widths = linears[0].in_features + 4 * hidden + 3 * linears[-1].out_features  # floats per example
     per_member = 4 * (4 * params + (cfg.data.batch_size + EVAL_CHUNK // len(members)) * widths * 2)
     return per_member * len(members)
 

@@ -81,7 +81,7 @@ def outcomes_of_this_sweep(sweep_dir: Path) -> list[tuple[str, dict]]:
     found = []
     for path in sorted(Path(sweep_dir).glob("**/attempts.jsonl")):
         name = str(path.parent.relative_to(sweep_dir))
-        found += [(name, a) for a in attempts_of_this_sweep(path.parent) if a.get("outcome") != "started"]
+        found += [(name, a) for a in attempts_of_this_sweep(path.parent) if a.get("outcome") not in (None, "started")]
     return found
 
 

@@ -189,7 +189,7 @@ def unfinished_return(cfg: DictConfig, outcome: dict) -> JobReturn:
 
     HydraConfig.instance().set_config(cfg)  # its dir's name reads the job's own overrides
     run_dir = job_dir(cfg).absolute()
-    ended = [a for a in attempts_of_this_sweep(run_dir) if a.get("outcome") != "started"]
+    ended = [a for a in attempts_of_this_sweep(run_dir) if a.get("outcome") not in (None, "started")]
     result = dict(ended[-1]) if ended else dict(outcome)
     if not ended:
         run = RunDir(run_dir)
