@@ -25,7 +25,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from actgrad.layers import BATCHNORMS, feeds, probe
+from actgrad.layers import BATCHNORMS, feeds, probe, untouched
 from actgrad.writer import Writer
 
 
@@ -47,18 +47,9 @@ class BNCalibration(L.Callback):
         if not any(running(m) for m in net.modules()):
             return
         norms = self.norms(net, trainer.datamodule.splits["train"][0].shape[1])
-        # the final checkpoint is saved after this hook: put back every buffer and each module's mode
-        buffers = {name: b.clone() for name, b in net.named_buffers()}
-        modes = {m: m.training for m in net.modules()}
-        net.eval()
-        try:
+        with untouched(net):  # the final checkpoint is saved after this hook: every buffer and mode put back
+            net.eval()
             scalars = self.calibrate(net, norms, trainer.datamodule.splits, pl_module.device)
-        finally:
-            with torch.no_grad():
-                for name, b in net.named_buffers():
-                    b.copy_(buffers[name])
-            for m, mode in modes.items():
-                m.training = mode
         Writer.of(trainer).scalars(scalars, trainer.global_step, layers=norms)  # a chart per quantity, a line per layer
 
     @staticmethod
