@@ -6,7 +6,7 @@ the same round (median of the rounds' ratios), plus the bare stacked step agains
 
 Sweeps: `lecture` is the lecture's six runs (init=naive,scaled,kaiming norm=none,batchnorm);
 `grid` is 24 runs, init (naive, scaled, kaiming, xavier) x lr (0.02 ... 0.5). Launchers: `local`
-(one job after another), `parallel` (joblib processes, the default of -m), `stacked`.
+(one job after another), `parallel` (joblib processes), `stacked` (the default of -m).
 Peak memory is the largest process's peak RSS (a stacked group's process holds all its members).
 """
 
