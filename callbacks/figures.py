@@ -11,7 +11,7 @@ import torch
 
 from actgrad.diagnostic import Diagnostic
 from actgrad.snapshot import matrices
-from callbacks.activations import saturated
+from actgrad.callbacks.activations import saturated
 
 FIGURES = {  # tag: (title, x axis, legend statistics)
     "figures/act": ("activation distribution", "layer output", "mean {:+.2f}, std {:.2f}, saturated {:.1%}"),

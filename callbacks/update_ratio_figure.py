@@ -7,8 +7,8 @@ kept on the device) and drawn once, when training ends or stops on an error.
 import torch
 
 from actgrad.diagnostic import Diagnostic
-from callbacks.figures import with_margins
-from callbacks.update_ratio import GUIDE, update_ratios
+from actgrad.callbacks.figures import with_margins
+from actgrad.callbacks.update_ratio import GUIDE, update_ratios
 
 
 class UpdateRatioFigure(Diagnostic):

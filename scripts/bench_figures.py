@@ -50,8 +50,8 @@ def measure(repeats: int, layers: int) -> dict:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from actgrad.writer import Writer
-    from callbacks.figures import DistributionFigures
-    from callbacks.update_ratio_figure import UpdateRatioFigure
+    from actgrad.callbacks.figures import DistributionFigures
+    from actgrad.callbacks.update_ratio_figure import UpdateRatioFigure
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,8 +17,8 @@ from actgrad.layers import watched
 from actgrad.model import MLP
 from actgrad.snapshot import Recorder
 from actgrad.writer import subrun
-from callbacks.activations import Activations
-from callbacks.update_ratio import UpdateRatio
+from actgrad.callbacks.activations import Activations
+from actgrad.callbacks.update_ratio import UpdateRatio
 
 from test_bn_calibration import calibrate, make_splits
 

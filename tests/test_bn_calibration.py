@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from actgrad.events import scalars
 from actgrad.experiment import train
 from actgrad.model import MLP
-from callbacks.bn_calibration import BNCalibration
+from actgrad.callbacks.bn_calibration import BNCalibration
 
 from conftest import TINY, make_config
 from test_diagnostics import Recorder

@@ -24,15 +24,15 @@ from actgrad.diagnostic import layout
 from actgrad.snapshot import Recorder as SnapshotRecorder
 from actgrad.writer import Writer
 from actgrad.model import MLP
-from callbacks.activation_grads import ActivationGrads
-from callbacks.activations import Activations
-from callbacks.figures import DistributionFigures
-from callbacks.histograms import Histograms
-from callbacks.initial_loss import InitialLoss
-from callbacks.never_fired import NeverFired
-from callbacks.param_grads import ParamGrads
-from callbacks.update_ratio import UpdateRatio
-from callbacks.update_ratio_figure import UpdateRatioFigure
+from actgrad.callbacks.activation_grads import ActivationGrads
+from actgrad.callbacks.activations import Activations
+from actgrad.callbacks.figures import DistributionFigures
+from actgrad.callbacks.histograms import Histograms
+from actgrad.callbacks.initial_loss import InitialLoss
+from actgrad.callbacks.never_fired import NeverFired
+from actgrad.callbacks.param_grads import ParamGrads
+from actgrad.callbacks.update_ratio import UpdateRatio
+from actgrad.callbacks.update_ratio_figure import UpdateRatioFigure
 
 torch.set_num_threads(1)  # tiny models; the machine's other core may be busy
 NAMES = Path(__file__).resolve().parents[2] / "shared/data/names.txt"
@@ -292,7 +292,7 @@ def test_initial_loss(caplog):
         d = InitialLoss(num_examples=1000)  # more than the split: all of it, in some order
         trainer = make_trainer([d], datamodule=datamodule)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="callbacks.initial_loss"):
+        with caplog.at_level(logging.INFO, logger="actgrad.callbacks.initial_loss"):
             d.on_train_start(trainer, SimpleNamespace(net=net, device=torch.device("cpu")))
         logged = trainer.loggers[0].scalars
         expected = F.cross_entropy(manual_forward(state, x, "tanh")[1], y)
@@ -341,7 +341,7 @@ def test_histograms(tmp_path, n_layers, norm, activation):
 
 @pytest.mark.parametrize("n_layers,norm,activation", [MODELS[0], MODELS[-1]])
 def test_distribution_figures(tmp_path, monkeypatch, n_layers, norm, activation):
-    import callbacks.figures as figures
+    import actgrad.callbacks.figures as figures
 
     drawn = []
     overlay = figures.overlay
@@ -437,7 +437,7 @@ def test_the_readme_example_is_short_and_the_same_as_its_file():
 
 
 def test_grad_norm_example():
-    from callbacks.grad_norm import GradNorm
+    from actgrad.callbacks.grad_norm import GradNorm
 
     net = make_net(3, True, "tanh", rule=init.kaiming)
     d = GradNorm(every_n_steps=2)
@@ -621,7 +621,7 @@ def fresh_overlay(title, xlabel, curves, start):
     """What figures.overlay drew before it kept its Figures: a new Figure, lines plotted, then legends."""
     from matplotlib.figure import Figure
 
-    from callbacks.figures import with_margins
+    from actgrad.callbacks.figures import with_margins
 
     figure = Figure(figsize=(14, 4.5), dpi=80)
     axes = figure.subplots(1, 2, sharex=True, sharey=True)
@@ -645,7 +645,7 @@ def test_a_kept_figure_draws_each_figure_as_a_new_one(tmp_path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
-    from callbacks.figures import overlay
+    from actgrad.callbacks.figures import overlay
 
     g = torch.Generator().manual_seed(0)
     start = ("activation distribution, step 0", {"layer1: std 1.00": torch.randn(500, generator=g),

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from lightning.pytorch import Callback
 
+from actgrad.checks import ConfigError, check_config
 from actgrad.experiment import train
 
 from conftest import ROOT, TINY, make_config
@@ -92,7 +94,7 @@ def test_a_stacked_snapshot_gives_each_member_its_own_snapshot():
     """A run of M stacked members (leading dimension M on every tensor) hands member i's diagnostics
     snapshot.member(i): what a run of one would have recorded."""
     from actgrad.snapshot import Layer, Snapshot
-    from callbacks.activations import Activations
+    from actgrad.callbacks.activations import Activations
 
     g = torch.Generator().manual_seed(0)
     pre = torch.randn(3, 16, 8, generator=g)
@@ -126,3 +128,18 @@ def test_an_exception_in_a_diagnostic_stops_the_run_with_its_traceback_and_keeps
     assert results["status"] == "failed" and "ZeroDivisionError: a bug in a diagnostic" in results["error"]
     assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)  # the traceback is logged
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+
+
+def test_the_diagnostics_are_actgrad_callbacks_and_nothing_installs_a_top_level_callbacks(tmp_path):
+    probe = ("import importlib.util, actgrad.callbacks.figures as f; "
+             "print(importlib.util.find_spec('callbacks') is None, f.__name__)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True", "actgrad.callbacks.figures"], done.stderr[-2000:]
+
+
+def test_a_target_under_the_old_top_level_name_is_refused_in_one_line(tmp_path):
+    cfg = make_config(*TINY, "+callbacks.mine._target_=callbacks.figures.DistributionFigures")
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    assert str(err.value) == ("callbacks.mine._target_=callbacks.figures.DistributionFigures: the diagnostics are the "
+                              "package actgrad.callbacks; use _target_=actgrad.callbacks.figures.DistributionFigures")

@@ -191,12 +191,12 @@ def test_groups(composed):
 
 def test_settings_hydra_settings_and_additions(composed):
     check_overrides(["data.path=/some/file", "trainer.max_steps=10", "hydra.run.dir=/tmp/x", "optimizer.lr=1",
-                     "+callbacks.mine._target_=callbacks.never_fired.NeverFired", "~compile", "trainer.devices=auto"],
+                     "+callbacks.mine._target_=actgrad.callbacks.never_fired.NeverFired", "~compile", "trainer.devices=auto"],
                     CONF)
     cfg = composed[-1]
     assert cfg.data.path == "/some/file" and cfg.trainer.max_steps == 10 and cfg.hydra.run.dir == "/tmp/x"
     assert cfg.optimizer.lr == 1 and cfg.trainer.devices == "auto" and "compile" not in cfg
-    assert cfg.callbacks.mine._target_ == "callbacks.never_fired.NeverFired"
+    assert cfg.callbacks.mine._target_ == "actgrad.callbacks.never_fired.NeverFired"
 
 
 def test_a_sweep_composes_every_value(composed):

@@ -81,6 +81,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("model._target_: not set; model=custom trains your own nn.Module: "
                           "model._target_=mypkg.Net (README, 'Bring your own model')")
     check_counts(cfg)
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        target = str((callback or {}).get("_target_", ""))
+        if target.startswith("callbacks."):  # the folder installs as actgrad.callbacks: two import paths, two states
+            raise ConfigError(f"callbacks.{name}._target_={target}: the diagnostics are the package actgrad.callbacks; "
+                              f"use _target_=actgrad.{target}")
 
 
 # Whole numbers accepted only in a range: (least, most or None, what is accepted)

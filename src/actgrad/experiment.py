@@ -341,7 +341,7 @@ def fit(cfg, run: RunDir, data, module, start, trainer) -> dict:
     if not module.started and results["status"] == "completed":  # resumed at max_steps, killed during its end:
         module.write_again()  # Lightning skipped the loop and its hooks; what the purge removed is written again,
         for cb in trainer.callbacks:  # and the diagnostics' end (figures, calibration) is done again
-            if type(cb).__module__.startswith("callbacks."):
+            if type(cb).__module__.startswith("actgrad.callbacks."):
                 cb.on_train_end(trainer, module)
     fault("after_training")
     if module.stop.signum is not None and results["status"] == "completed" and trainer.global_step < cfg.trainer.max_steps:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actgrad.keys import PLAIN_PRECISION, flatten, role
 
-OWN_CALLBACKS = ("callbacks.", "actgrad.")  # written for a member's view of the trainer (see actgrad.stacked)
+OWN_CALLBACKS = ("actgrad.",)  # written for a member's view of the trainer (see actgrad.stacked)
 
 
 def group_key(cfg: DictConfig) -> str | None:
