@@ -61,6 +61,14 @@ class Diagnostic(L.Callback):
         return {}
 
 
+def overrides(callback, hook: str) -> bool:
+    """Whether `callback` overrides Lightning hook `hook`: a Diagnostic against Diagnostic's own hooks
+    (which serve a plain Lightning Trainer and do nothing in actgrad's loop), any other callback against
+    L.Callback's. An instance attribute counts too (a LambdaCallback's)."""
+    base = Diagnostic if isinstance(callback, Diagnostic) else L.Callback
+    return getattr(getattr(callback, hook), "__func__", None) is not getattr(base, hook)
+
+
 def layer_names(snapshot: Snapshot) -> set:
     """The layers a snapshot holds (layer1, ...; embedding and output through their parameters): a tag
     ending in one of them, or in one of their parameters, is that layer's series (actgrad.writer)."""

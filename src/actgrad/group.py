@@ -27,7 +27,7 @@ from actgrad import experiment
 from actgrad.checkpoint import AlreadyCompleted, plan_start
 from actgrad.checks import check_config, explain, first_line
 from actgrad.data import available_memory
-from actgrad.diagnostic import Diagnostic
+from actgrad.diagnostic import Diagnostic, overrides
 from actgrad.grouping import OWN_CALLBACKS
 from actgrad.rundir import Busy, RunDir, fault, note_before_hydra
 from actgrad.stacked import (
@@ -55,9 +55,8 @@ MEMBER_HOOKS = ("setup", "on_train_start", "on_train_end", "on_exception", "stat
 def member_capable(callback) -> bool:
     """A diagnostic, or a callback of actgrad's own whose Lightning hooks a member's view can serve:
     any other would see the whole stack, so its run trains alone."""
-    cls = type(callback)
-    if isinstance(callback, Diagnostic) or cls.__module__.startswith(OWN_CALLBACKS):
-        return all(name in MEMBER_HOOKS or getattr(cls, name) is getattr(L.Callback, name)
+    if isinstance(callback, Diagnostic) or type(callback).__module__.startswith(OWN_CALLBACKS):
+        return all(name in MEMBER_HOOKS or not overrides(callback, name)
                    for name in dir(L.Callback) if name.startswith("on_") or name == "teardown")
     return False
 

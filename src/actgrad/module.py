@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from actgrad.checks import ConfigError, first_line
-from actgrad.diagnostic import START_HERE, Diagnostic, layout
+from actgrad.diagnostic import START_HERE, Diagnostic, layout, overrides
 from actgrad.keys import PLAIN_PRECISION
 from actgrad.layers import watched
 from actgrad.snapshot import Recorder
@@ -283,8 +283,7 @@ def merge_written(written: tuple, step: int, scalars: dict) -> tuple:
 
 def needs_lightning_path(trainer) -> bool:
     """Whether some callback overrides a step hook Lightning documents, or precision needs its plugin."""
-    overridden = any(getattr(getattr(cb, hook), "__func__", None) is not getattr(L.Callback, hook)
-                     for cb in trainer.callbacks for hook in LIGHTNING_STEP_HOOKS)  # a LambdaCallback's too
+    overridden = any(overrides(cb, hook) for cb in trainer.callbacks for hook in LIGHTNING_STEP_HOOKS)
     return overridden or str(trainer.precision) not in PLAIN_PRECISION
 
 
