@@ -8,7 +8,9 @@ stored in it (actgrad.load), not from the data file.
 """
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -24,10 +26,18 @@ def main(argv=None) -> int:
     try:
         run = actgrad.load(args.run)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        runs = runs_below(Path(args.run))  # outputs/runs/<date>_<time> of a run with overrides: the run is inside it
+        inside = "the run is inside it" if len(runs) == 1 else f"{len(runs)} runs are inside it"
+        said = f"{shlex.quote(args.run)}: not a run dir; {inside}: " + " ".join(map(shlex.quote, map(str, runs)))
+        print(f"error: {said if runs else e}", file=sys.stderr)
         return 1
     print("\n".join(run.sample(args.n, args.seed)))
     return 0
+
+
+def runs_below(folder: Path) -> list[Path]:
+    """The run dirs just inside `folder` that hold a final checkpoint, as one would type them."""
+    return sorted(p.parent.parent for p in folder.glob("*/checkpoints/last.ckpt"))
 
 
 if __name__ == "__main__":

@@ -151,11 +151,11 @@ def test_presets_set_what_they_say(composer, choice, key, value):
     assert node == value
 
 
-def test_experiment_lecture_sweeps_the_lectures_six_runs(composer):
+def test_experiment_lecture_sweeps_the_lectures_eight_runs(composer):
     from hydra import compose
 
     cfg = compose(config_name="config", overrides=["experiment=lecture"], return_hydra_config=True)
-    assert dict(cfg.hydra.sweeper.params) == {"init": "naive,scaled,kaiming", "norm": "none,batchnorm"}
+    assert dict(cfg.hydra.sweeper.params) == {"init": "naive,scaled_output,scaled,kaiming", "norm": "none,batchnorm"}
 
 
 @pytest.mark.parametrize("group", ["logger", "debug", "experiment", "trainer"])

@@ -36,6 +36,7 @@ from actgrad import events, hparams, sweep  # noqa: F401  (sweep registers the r
 from actgrad.checks import ConfigError, check_config, explain, first_line
 from actgrad.checkpoint import AlreadyCompleted, AtomicCheckpointIO, check_shapes, config_hash, plan_start, run_config
 from actgrad.layers import probe
+from actgrad.model import has_shift
 from actgrad.module import Diverged, LanguageModel
 from actgrad.rundir import Busy, RunDir, fault
 from actgrad.stop import StopRequest, stop_file
@@ -305,7 +306,18 @@ def begin(cfg, run: RunDir, module, start, device, **extra) -> dict:
     run.write_yaml("provenance.yaml", origin)  # this attempt's; every attempt's commit is in attempts.jsonl
     run.log_attempt({"outcome": "started", "from_step": start.step, "commit": origin["git"]["commit"],
                      "dirty": origin["git"]["dirty"], **extra})
+    log.info("%s", parameter_line(run.path.name, module.net))
     return origin
+
+
+def parameter_line(name: str, net) -> str:
+    """The run's parameter count; with a norm's shift after a Linear, the lecture's count too: it keeps that
+    Linear's bias, which the shift makes redundant (12,297 for its final model, 12,097 here)."""
+    count = sum(p.numel() for p in net.parameters())
+    dropped = sum(b.linear.out_features for b in getattr(net, "blocks", [])
+                  if hasattr(b, "norm") and has_shift(b.norm) and b.linear.bias is None)
+    return f"{name}: {count:,} parameters" + (
+        f" (the lecture's layout keeps a bias before each norm's shift: {count + dropped:,})" if dropped else "")
 
 
 def fit(cfg, run: RunDir, data, module, start, trainer) -> dict:
