@@ -7,7 +7,9 @@ without one logs.
 
 The watched hidden layers are the calls of nonlinearity modules (NONLINEARITIES), found by type:
 layer1, layer2, ... in call order, a module called twice being two layers. `watched` finds them
-once when training starts, with the name each parameter has in tags (grouped by the layer it feeds).
+once when training starts, with the name each parameter has in tags (grouped by the layer it feeds);
+in a plain Lightning Trainer, where the input is the user's, `found` reads them from the first
+watched step's real forward instead (`record_calls`).
 """
 
 import contextlib
@@ -51,16 +53,8 @@ def probe(net: nn.Module, block_size: int, batch: int = 2,
     module called twice appears twice). Nothing of `net` changes (see `untouched`).
     when="end" lists each call as it returns (a container after what it holds), "start" as it begins
     (a container before what it holds: what a module feeds is what starts after it)."""
-    if when not in ("start", "end"):
-        raise ValueError(f"probe: when={when!r}: accepted: start, end")
     device = next(net.parameters(), torch.empty(0)).device
-    calls, names = [], {m: n for n, m in net.named_modules()}
-
-    def seen(module, *args):
-        calls.append((names[module], module))
-
-    register = nn.Module.register_forward_pre_hook if when == "start" else nn.Module.register_forward_hook
-    handles = [register(m, seen) for m in net.modules() if m is not net]
+    calls, handles = record_calls(net, when)
     try:
         with untouched(net):
             out = net(torch.zeros(batch, block_size, dtype=torch.long, device=device))
@@ -68,6 +62,21 @@ def probe(net: nn.Module, block_size: int, batch: int = 2,
         for h in handles:
             h.remove()
     return out, calls
+
+
+def record_calls(net: nn.Module, when: str = "start") -> tuple[list, list]:
+    """([(module path, module)], hook handles): the list fills, in call order (see `probe` for `when`),
+    as `net`'s submodules are called, until the handles are removed. A probe's, or a real step's forward
+    in a plain Lightning Trainer (actgrad.diagnostic)."""
+    if when not in ("start", "end"):
+        raise ValueError(f"record_calls: when={when!r}: accepted: start, end")
+    calls, names = [], {m: n for n, m in net.named_modules()}
+
+    def seen(module, *args):
+        calls.append((names[module], module))
+
+    register = nn.Module.register_forward_pre_hook if when == "start" else nn.Module.register_forward_hook
+    return calls, [register(m, seen) for m in net.modules() if m is not net]
 
 
 def nonlinear(module: nn.Module) -> bool:
@@ -139,10 +148,16 @@ def watched(net: nn.Module, block_size: int, quiet: bool = False) -> Layers:
     """The watched layers of `net` and its parameters' tags, from one probe (which changes nothing);
     logs what is watched unless `quiet`."""
     _, calls = probe(net, block_size, when="start")
-    acts = [(path, m) for path, m in calls if nonlinear(m)]
-    layers = Layers(paths={f"layer{i}": path for i, (path, _) in enumerate(acts, 1)},
-                    modules={f"layer{i}": m for i, (_, m) in enumerate(acts, 1)},
-                    tags=tags(net, calls, [path for path, _ in acts]))
+    layers = found(net, calls)
     if not quiet:
         log.info("%s", layers.line())
     return layers
+
+
+def found(net: nn.Module, calls: list) -> Layers:
+    """The watched layers and parameter tags of `net`, from its calls in start order: a probe's
+    (`watched`) or a real forward's (a plain Lightning Trainer, actgrad.diagnostic)."""
+    acts = [(path, m) for path, m in calls if nonlinear(m)]
+    return Layers(paths={f"layer{i}": path for i, (path, _) in enumerate(acts, 1)},
+                  modules={f"layer{i}": m for i, (_, m) in enumerate(acts, 1)},
+                  tags=tags(net, calls, [path for path, _ in acts]))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from actgrad.checks import ConfigError, first_line
-from actgrad.diagnostic import START_HERE, Diagnostic, layout, overrides
+from actgrad.diagnostic import START_HERE, Diagnostic, layout, overrides, watched_table
 from actgrad.keys import PLAIN_PRECISION
 from actgrad.layers import watched
 from actgrad.snapshot import Recorder
@@ -95,6 +95,7 @@ class LanguageModel(L.LightningModule):
         self.diagnostics = [cb for cb in self.trainer.callbacks if isinstance(cb, Diagnostic)]
         for d in self.diagnostics:
             d.writer, d.last_step = self.writer, self.trainer.max_steps - 1
+            d.driven = True  # this loop records their snapshots: their plain-Trainer hooks do nothing
         self.lightning_path = needs_lightning_path(self.trainer)
         if self.lightning_path:
             log.info("a callback overrides %s, or precision is %s: every step takes Lightning's documented path "
@@ -250,16 +251,6 @@ class LanguageModel(L.LightningModule):
                     for xc, yc in zip(x.split(chunk), y.split(chunk)))
         self.net.train(was_training)
         return total / len(y)
-
-
-def watched_table(layers) -> str:
-    """The start-here card's list of the watched layers: which module each layerN is."""
-    if layers is None:
-        return ""
-    if not layers.paths:
-        return "\n\n**Layers watched:** none. " + layers.line()
-    rows = "\n".join(f"| {name} | `{path}` | {type(layers.modules[name]).__name__} |" for name, path in layers.paths.items())
-    return "\n\n**Layers watched** (each call of a nonlinearity module, in call order):\n\n| layer | module | type |\n|---|---|---|\n" + rows
 
 
 def interval_ends(first: int, now: int, n: int) -> range:

@@ -72,10 +72,16 @@ class Recorder:
         self.net, self.needs = net, set(needs)
         tag = layers.tags.get if layers is not None else lambda n, _: param_name(n)
         self.params = {tag(n, n): p for n, p in net.named_parameters()}
-        self.seen, self.handles, self.before, self.inputs = {}, [], {}, {}
+        self.seen, self.handles, self.before, self.inputs, self.grads = {}, [], {}, {}, {}
+
+    def named(self, layers: Layers) -> None:
+        """Tag names from `layers`, found after this recorder started (a plain Trainer's first watched step)."""
+        self.params = {layers.tags.get(n, n): p for n, p in self.net.named_parameters()}
 
     def start(self) -> None:
-        """Before the forward pass."""
+        """Before the forward pass. Again before another forward of the same step (a micro-batch of
+        gradient accumulation): the layers of the last forward are the ones kept."""
+        self.stop()
         if "layers" in self.needs:
             self.seen, self.inputs = {}, {}
             for module in self.net.modules():
@@ -94,13 +100,20 @@ class Recorder:
         if output.requires_grad:
             output.register_hook(lambda grad: self.seen[name].__setitem__("grad", grad.detach()))
 
-    def before_update(self) -> None:
-        """After backward, before optimizer.step(): the values the update starts from."""
+    def stop(self) -> None:
+        """No later forward is recorded."""
         for handle in self.handles:
-            handle.remove()  # backward is done: no later forward is recorded
+            handle.remove()
         self.handles = []
+
+    def before_update(self) -> None:
+        """After backward, before optimizer.step(): the values the update starts from, and the gradients
+        (the tensors themselves: what the optimizer reads, e.g. after Lightning unscaled or clipped them)."""
+        self.stop()  # backward is done
         if self.needs & {"params", "updates"}:
             self.before = {name: p.detach().clone() for name, p in self.params.items()}
+        if "grads" in self.needs:
+            self.grads = {n: p.grad.detach() for n, p in self.params.items() if p.grad is not None}
 
     def snapshot(self, step: int, loss: torch.Tensor, lr: float) -> Snapshot:
         """After optimizer.step()."""
@@ -108,6 +121,6 @@ class Recorder:
             step=step, loss=loss.detach(), lr=lr,
             layers={name: Layer(**seen) for name, seen in self.seen.items()},
             params=self.before if "params" in self.needs else {},
-            grads={n: p.grad.detach() for n, p in self.params.items() if p.grad is not None} if "grads" in self.needs else {},
+            grads=self.grads,
             updates={n: p.detach() - self.before[n] for n, p in self.params.items()} if "updates" in self.needs else {},
         )
