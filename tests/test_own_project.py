@@ -245,7 +245,7 @@ def test_the_default_bundle_changes_nothing_and_writes_what_an_actgrad_run_does(
     assert {"act/layer1", f"param_grad/{CONV}"} <= set(tags["histograms"])
     assert {"figures/act", "figures/act_grad", "figures/param_grad", "figures/update_ratio"} <= set(tags["images"])
     assert "custom_scalars__config__" in tags["tensors"]
-    assert "start here/text_summary" in tags["tensors"]
+    assert "Start here/text_summary" in tags["tensors"]
     assert (tmp_path / "tb" / "layer1").is_dir()  # the layer's own run, as in an actgrad run
 
 

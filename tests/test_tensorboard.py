@@ -140,3 +140,18 @@ def test_each_layer_is_a_run_of_its_own(server, sweep):
         assert set(get(server, "/data/plugin/histograms/tags")[f"{run}/layer1"]) == {"act", "preact", "act_grad", "param_grad/weight"}
         flat = scalars(sweep / run)
         assert [(s, v) for s, v in flat["act/saturation/layer1"]] == [(s, pytest.approx(v)) for _, s, v in points]
+
+
+def test_text_tab_opens_with_start_here_then_provenance(server):
+    """TensorBoard's TEXT tab groups tags by their first part, in the order of its sorted tags: it compares
+    characters by code (digits, '/' and '_' before the rest), so a capital comes before any lower-case letter."""
+    from actgrad.diagnostic import START_HERE
+
+    tags = get(server, "/data/plugin/text/tags")
+    runs = [run for run in tags if "/" not in run]  # the jobs, not their layers
+    assert len(runs) == 4 and all(set(tags[run]) == {"Start here/text_summary", "provenance/text_summary",
+                                                      "status/text_summary"} for run in runs)
+    every = sorted({tag for run_tags in tags.values() for tag in run_tags})
+    assert not [tag for tag in every if tag[0] in "/_0123456789"]  # none that TensorBoard would sort first
+    assert every[:2] == ["Start here/text_summary", "provenance/text_summary"]
+    assert len(START_HERE.splitlines()) <= 15  # whole in the card's 500 px box (looked at in a browser)

@@ -42,7 +42,8 @@ TensorBoard colours lines by run, so a tag whose `where` is a layer of the snaps
 parameters) goes to that layer's own run, a subdirectory of the run dir, under the quantity:
 act/saturation of run <run>/layer1, param_grad/std/weight of <run>/layer2 (actgrad.writer; other
 loggers and actgrad.events keep the flat tags). A `charts` regex matches those tags, e.g.
-"act/saturation$" or "grad_norm/.*": one custom-scalars chart per quantity, a colour per layer.
+"act/saturation$" or "grad_norm/.*": one custom-scalars chart per quantity, a colour per layer; one
+written for the flat tags ("dead/.*" for dead/layer1) gets their tags in the layers' runs too (Writer.charts).
 """
 
 import logging
@@ -194,9 +195,7 @@ class Steps:
             with writer.batch():
                 d.observe(snapshot)
         if self.step == 0 and d is first_diagnostic(trainer):  # TensorBoard keeps one layout per run
-            diagnostics = [cb for cb in trainer.callbacks if isinstance(cb, Diagnostic)]
-            writer.charts(layout(diagnostics))
-            writer.text("start here", START_HERE + watched_table(self.layers), 0)
+            start_here(writer, [cb for cb in trainer.callbacks if isinstance(cb, Diagnostic)], self.layers)
 
 
 def first_diagnostic(trainer):
@@ -305,33 +304,39 @@ def layout(diagnostics) -> dict:
     return {"Loss": LOSS_CHART} | {type(d).__name__: d.charts for d in diagnostics if d.charts}
 
 
-START_HERE = """**What this run logs, and what healthy looks like** (the lecture's rules of thumb)
+def start_here(writer: Writer, diagnostics: list, layers) -> None:
+    """What a run writes when it starts from step 0 (TensorBoard keeps one layout per run): the custom-scalars
+    layout, written once the first watched step has logged its tags (Writer.charts), and the start-here card."""
+    writer.charts(layout(diagnostics), wait=bool(diagnostics))
+    if diagnostics:
+        writer.text(START_TAG, START_HERE + watched_table(layers), 0)
 
-| tags | what they show | healthy |
-|---|---|---|
-| `init/loss`, `init/uniform_loss` | the loss before the first step, and ln(V) | about equal (ln 27 = 3.30); far higher: the output layer starts confidently wrong |
-| `train/loss`, `val/loss` | mean of each logging interval; the whole validation split | going down together; val far above train: overfitting |
-| `act/saturation` | share of outputs where the nonlinearity is flat (tanh: abs(t) > 0.97) | a few percent; tens of percent: the layer's input is too large |
-| `act/std`, `preact/std` | spread of each layer's output and input | similar across layers (tanh with gain 5/3 keeps it near 1 at init) |
-| `act_grad/std` | the gradient at each layer's output | similar across layers: nothing vanishes or explodes with depth |
-| `param_grad/data_ratio` | std(grad) / std(weight) | similar across weights |
-| `update_ratio/weight` | log10(std(update) / std(weight)) per step; `update_ratio/guide` is the -3 line | about -3; far below: learns too slowly; above -2: too fast |
-| HISTOGRAMS, IMAGES | whole distributions per layer, the start beside later steps | no pile-up at +-1 (tanh), no collapse to 0 |
 
-Each layer is a run of its own, `<this run>/layer1`, `<this run>/embedding`, ... (a subdirectory),
-so a card or chart per quantity draws a line, and a colour, per layer: type this run's name in the
-runs filter to see its layers alone. The losses, `init/*`, `final/*` and the guide are this run's own.
-Set smoothing to 0 and untick "Ignore outliers in chart scaling" (TIME SERIES: Settings; SCALARS and
-CUSTOM SCALARS: the left pane): both hide a bad start. CUSTOM SCALARS has one chart per quantity, the
-loss first. The IMAGES figures draw each layer's whole distribution, the start beside later steps.
-The HPARAMS tab compares runs by the choices made (init, norm, optimizer, overridden values)."""
+# TensorBoard's TEXT tab sorts tags by name, capitals before lower case: this card comes before provenance and status.
+START_TAG = "Start here"
+
+# Short enough to show whole in TensorBoard's text card (500 px high); the long version is docs/tensorboard.md.
+START_HERE = """Each layer is a run of its own (`<this run>/layer1`): a card or chart per quantity, a colour per layer.
+The lecture's rules of thumb:
+
+| look at | healthy |
+|---|---|
+| `init/loss` against `init/uniform_loss` = ln(V) | about equal (ln 27 = 3.30); far higher: confidently wrong |
+| `train/loss`, `val/loss` | falling together |
+| `act/saturation` (tanh: abs(t) > 0.97) | a few percent, not tens |
+| `act/std`, `act_grad/std` | similar across layers |
+| `update_ratio/weight` | about -3 (the `update_ratio/guide` line) |
+| IMAGES: `figures/*` | each distribution at the start beside the end |
+
+TensorBoard's defaults hide a bad start and no event file can change them: set Smoothing to 0 and untick "Ignore
+outliers in chart scaling" (SCALARS, CUSTOM SCALARS: the left pane; TIME SERIES: Settings). More: docs/tensorboard.md."""
 
 
 def watched_table(layers) -> str:
-    """The start-here card's list of the watched layers: which module each layerN is."""
+    """The start-here card's line of the watched layers: which module each layerN is."""
     if layers is None:
         return ""
     if not layers.paths:
         return "\n\n**Layers watched:** none. " + layers.line()
-    rows = "\n".join(f"| {name} | `{path}` | {type(layers.modules[name]).__name__} |" for name, path in layers.paths.items())
-    return "\n\n**Layers watched** (each call of a nonlinearity module, in call order):\n\n| layer | module | type |\n|---|---|---|\n" + rows
+    return "\n\n**Layers watched** (each call of a nonlinearity module): " + ", ".join(
+        f"{name} `{path}` ({type(layers.modules[name]).__name__})" for name, path in layers.paths.items())

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from actgrad.checks import ConfigError, first_line
-from actgrad.diagnostic import START_HERE, Diagnostic, layout, overrides, watched_table
+from actgrad.diagnostic import Diagnostic, overrides, start_here, watched_table  # watched_table: stacked.py imports it from here
 from actgrad.keys import PLAIN_PRECISION
 from actgrad.layers import watched
 from actgrad.snapshot import Recorder
@@ -101,9 +101,7 @@ class LanguageModel(L.LightningModule):
             log.info("a callback overrides %s, or precision is %s: every step takes Lightning's documented path "
                      "(about half the speed of the fast path)", "/".join(LIGHTNING_STEP_HOOKS), self.trainer.precision)
         if self.global_step == 0:  # TensorBoard keeps one layout per run
-            self.writer.charts(layout(self.diagnostics))
-            if self.diagnostics:
-                self.writer.text("start here", START_HERE + watched_table(self.layers), 0)
+            start_here(self.writer, self.diagnostics, self.layers)
 
     def on_train_start(self):
         self.started = True

@@ -32,8 +32,10 @@ writes its events (flushed at each one).
 """
 
 import io
+import logging
 import math
 import os
+import re
 import socket
 import struct
 import time
@@ -56,6 +58,8 @@ try:
 except ImportError:  # without it, events go through the SummaryWriter (and its checksum in Python)
     crc32c = None
 
+log = logging.getLogger(__name__)
+
 BUCKETS = 30  # per histogram: TensorBoard's own display rebins to about as many
 
 
@@ -65,6 +69,7 @@ class Writer:
         self.pending = None  # inside batch(): {step: (scalars, histograms)} not written yet
         self.latest = {}  # {tag: the last scalar written}: the final values of a run without TensorBoard
         self.routes = {}  # {flat tag: (subrun, tag there)} of the per-layer series seen so far
+        self.waiting = None  # a custom-scalars layout waiting for the first watched step's tags (charts)
 
     @classmethod
     def of(cls, trainer) -> "Writer":
@@ -90,6 +95,8 @@ class Writer:
         parameters (update_ratio/layer1.weight) goes to that layer's subrun in TensorBoard (see `subrun`)."""
         if not scalars and not histograms:
             return {}
+        if self.waiting is not None and step > 0:  # step 0's tags are all written
+            self.charts(self.waiting)
         if layers:
             for tag in chain(scalars, histograms):
                 if tag not in self.routes:
@@ -132,6 +139,8 @@ class Writer:
             for step, (metrics, hists) in pending.items():
                 if metrics or hists:
                     self.emit(metrics, hists, step)
+            if self.waiting is not None:  # a watched step's tags are written
+                self.charts(self.waiting)
 
     def emit(self, metrics: dict, hists: dict, step: int) -> None:
         """Host values to every logger: one Summary event per TensorBoard writer and run."""
@@ -164,6 +173,8 @@ class Writer:
         """What torch's SummaryWriters still hold (figures, text; every event without `crc32c`) to disk: they
         write on a thread of their own, and a killed process loses what is queued there. For a caller that
         saves a checkpoint: called first, a run resumed from it has every event logged before its step."""
+        if self.waiting is not None:
+            self.charts(self.waiting)
         for writer in self.tensorboards():
             writer.flush()
 
@@ -203,13 +214,42 @@ class Writer:
             else:  # MLflow: an artifact per step, it has no images by step
                 logger.experiment.log_image(logger.run_id, image, f"{tag}/step_{step:08d}.png")
 
-    def charts(self, layout: dict) -> None:
-        """TensorBoard's custom-scalars layout: {category: {chart title: [tag regex, ...]}}."""
-        layout = {category: {title: ["Multiline", list(tags)] for title, tags in charts.items()}
+    def charts(self, layout: dict, wait: bool = False) -> None:
+        """TensorBoard's custom-scalars layout: {category: {chart title: [tag regex, ...]}}, written once.
+
+        A regex may be written for the flat tags, as the README shows them (`dead/.*` for dead/layer1), but a
+        layer's series are tags of its own run without that suffix (`dead` of <run>/layer1), which it would
+        not match: a chart then also gets those tags (`dead$`), said in the log. With `wait` (a run's start,
+        no tag written yet) the layout waits for the tags of the first watched step: it is written when
+        that step's batch() ends, at a write of a later step, or at flush()."""
+        if wait and not self.routes:
+            self.waiting = layout
+            return
+        self.waiting = None
+        layout = {category: {title: ["Multiline", list(tags) + self.in_layer_runs(title, tags)] for title, tags in charts.items()}
                   for category, charts in layout.items() if charts}
         if layout:
             for writer in self.tensorboards():
                 writer.add_custom_scalars(layout)
+
+    def in_layer_runs(self, title: str, regexes: list) -> list:
+        """Regexes for the layers' own tags whose flat tags `regexes` match (re.match, as TensorBoard) and they don't."""
+        try:
+            compiled = [re.compile(regex) for regex in regexes]
+        except re.error as e:
+            raise ValueError(f"custom chart {title!r}: {regexes} holds a bad regular expression ({e})") from e
+
+        def shown(tag):
+            return any(regex.match(tag) for regex in compiled)
+
+        moved = {flat: route for flat, route in self.routes.items() if route and shown(flat) and not shown(route[1])}
+        added = sorted({re.escape(tag) + "$" for _, tag in moved.values()})
+        if added:
+            flat, (run, tag) = next(iter(moved.items()))
+            log.info("custom chart %r: %s matches the flat tags %s; TensorBoard shows each as a tag of its layer's run "
+                     "(%s is %s of <run>/%s), so the chart also matches %s", title, " ".join(regexes),
+                     ", ".join(sorted(moved)), flat, tag, run, " ".join(added))
+        return added
 
     def text(self, tag: str, text: str, step: int) -> None:
         for writer in self.tensorboards():
