@@ -3,15 +3,20 @@ the same round (median of the rounds' ratios), plus the bare stacked step agains
 
     python scripts/bench_sweep.py --data names.txt --steps 20000 --rounds 3
     python scripts/bench_sweep.py --data names.txt --steps 200000 --rounds 1 --sweeps lecture --launchers parallel stacked
+    python scripts/bench_sweep.py --data names.txt --steps 100000 --rounds 5 --sweeps custom --launchers stacked --check
 
 Sweeps: `lecture` is the lecture's six runs (init=naive,scaled,kaiming norm=none,batchnorm);
-`grid` is 24 runs, init (naive, scaled, kaiming, xavier) x lr (0.02 ... 0.5). Launchers: `local`
-(one job after another), `parallel` (joblib processes), `stacked` (the default of -m).
+`grid` is 24 runs, init (naive, scaled, kaiming, xavier) x lr (0.02 ... 0.5); `custom` is 4 seeds of a
+user's nn.Sequential (`custom_mlp` below: Embedding, Flatten, Linear, BatchNorm1d, Tanh, Linear) given as
+`model=custom model._target_=bench_sweep.custom_mlp`, against one run of that model. Launchers: `local`
+(one job after another), `parallel` (joblib processes), `stacked` (the default of -m). `--check`: each
+member's final val loss against its own single run's (the last round's sweep; one single run per member).
 Peak memory is the largest process's peak RSS (a stacked group's process holds all its members).
 """
 
 import argparse
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -23,7 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = {
     "lecture": ["init=naive,scaled,kaiming", "norm=none,batchnorm"],
     "grid": ["init=naive,scaled,kaiming,xavier", "optimizer.lr=0.02,0.05,0.1,0.2,0.3,0.5"],
+    "custom": ["seed=1,2,3,4"],
 }
+MODEL = {"custom": ["model=custom", "model._target_=bench_sweep.custom_mlp"]}  # a sweep's model, and its single run's
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+
+
+def custom_mlp(vocab_size, block_size, n_embd=10, n_hidden=200):
+    """A user's network of torch.nn blocks, the lecture's MLP written as one nn.Sequential."""
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Embedding(vocab_size, n_embd), nn.Flatten(), nn.Linear(block_size * n_embd, n_hidden, bias=False),
+                         nn.BatchNorm1d(n_hidden, momentum=0.001), nn.Tanh(), nn.Linear(n_hidden, vocab_size))
+
 # Runs train.py as its only child and prints the largest peak RSS among it and its descendants.
 MEASURE = ("import resource, subprocess, sys; out = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
            "sys.stderr.write(out.stderr); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
@@ -34,22 +51,40 @@ def timed(args: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in MB) of `python train.py *args`."""
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, str(ROOT / "train.py"), *args],
-                         cwd=ROOT, capture_output=True, text=True)
+                         cwd=ROOT, capture_output=True, text=True, env=ENV)
     if out.returncode:
         raise SystemExit(f"train.py {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return time.perf_counter() - start, int(out.stdout.split()[-1]) / 1024
 
 
-def single(data: list[str], steps: int) -> tuple[float, float]:
-    with tempfile.TemporaryDirectory() as run_dir:
-        return timed([f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
-                      *data])
+def single(data: list[str], steps: int, model: list[str], run_dir: str | None = None) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as temporary:
+        return timed([f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false",
+                      f"hydra.run.dir={run_dir or temporary}", *model, *data])
 
 
-def sweep(name: str, launcher: str, data: list[str], steps: int) -> tuple[float, float]:
-    with tempfile.TemporaryDirectory() as sweep_dir:
-        return timed(["-m", *SWEEPS[name], f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false",
-                      f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}", *data])
+def sweep(name: str, launcher: str, data: list[str], steps: int, sweep_dir: str) -> tuple[float, float]:
+    return timed(["-m", *SWEEPS[name], *MODEL.get(name, []), f"trainer.max_steps={steps}",
+                  "trainer.enable_progress_bar=false", f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}", *data])
+
+
+def final_val_loss(run_dir: Path) -> float:
+    import yaml
+
+    return float(yaml.safe_load((run_dir / "status.yaml").read_text())["final/val_loss"])
+
+
+def check_members(name: str, data: list[str], steps: int, sweep_dir: Path) -> float:
+    """The largest difference between a member's final val loss and its own single run's."""
+    worst = 0.0
+    for member in sorted(p.parent for p in sweep_dir.glob("*/status.yaml")):
+        with tempfile.TemporaryDirectory() as run_dir:
+            single(data, steps, [*MODEL.get(name, []), *member.name.split(",")], run_dir)
+            alone = final_val_loss(Path(run_dir))
+        mine = final_val_loss(member)
+        print(f"{name}, {member.name}: stacked {mine:.7f}, single {alone:.7f}", file=sys.stderr)
+        worst = max(worst, abs(mine - alone))
+    return worst
 
 
 def bare_steps(members: int, norm: bool, steps: int = 2000) -> tuple[float, float]:
@@ -61,7 +96,7 @@ def bare_steps(members: int, norm: bool, steps: int = 2000) -> tuple[float, floa
     from actgrad import init
     from actgrad.model import MLP
     from actgrad.optim import SGD
-    from actgrad.stacked_mlp import StackedMLP
+    from actgrad.stacking import stack
 
     torch.set_num_threads(1)
 
@@ -93,7 +128,7 @@ def bare_steps(members: int, norm: bool, steps: int = 2000) -> tuple[float, floa
             step()
         return (time.perf_counter() - start) / steps * 1e6
 
-    return loop(nets(1)[0], 0), loop(StackedMLP(nets(members)), members)
+    return loop(nets(1)[0], 0), loop(stack(nets(members), 3), members)
 
 
 def main():
@@ -104,6 +139,8 @@ def main():
     parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
     parser.add_argument("--launchers", nargs="+", default=["local", "parallel", "stacked"],
                         choices=["local", "parallel", "stacked"])
+    parser.add_argument("--check", action="store_true", help="each member's final val loss against its single run's")
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare stacked step")
     args = parser.parse_args()
     data = [f"data.path={Path(args.data).absolute()}"] if args.data else []
     print("| sweep | steps | launcher | wall time (median) | vs one single run | peak RSS, largest process |")
@@ -113,10 +150,15 @@ def main():
             rows = {launcher: [] for launcher in args.launchers}
             singles = []
             for r in range(args.rounds):
-                one = single(data, steps)
+                one = single(data, steps, MODEL.get(name, []))
                 singles.append(one)
                 for launcher in args.launchers:
-                    seconds, rss = sweep(name, launcher, data, steps)
+                    with tempfile.TemporaryDirectory() as sweep_dir:
+                        seconds, rss = sweep(name, launcher, data, steps, sweep_dir)
+                        if args.check and r == args.rounds - 1:
+                            worst = check_members(name, data, steps, Path(sweep_dir))
+                            print(f"{name}, {launcher}: largest |member - its single run| of final val loss "
+                                  f"{worst:.2g}", file=sys.stderr)
                     rows[launcher].append((seconds, rss, seconds / one[0]))
                     print(f"round {r + 1}, {name}, {steps} steps: single {one[0]:.1f} s, {launcher} {seconds:.1f} s "
                           f"({seconds / one[0]:.2f}x)", file=sys.stderr)
@@ -127,6 +169,8 @@ def main():
                 print(f"| {name} ({runs(name)} runs) | {steps:,} | {launcher} | "
                       f"{statistics.median(s for s, _, _ in got):.1f} s | {statistics.median(x for _, _, x in got):.2f}x | "
                       f"{statistics.median(m for _, m, _ in got):.0f} MB |")
+    if args.no_bare:
+        return
     print("\nbare step, hand-written loops, one thread (no Lightning, no logging):")
     for norm in (False, True):
         for members in (3, 6, 12, 24):

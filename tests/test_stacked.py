@@ -17,7 +17,7 @@ from actgrad import events, init
 from actgrad.checkpoint import load
 from actgrad.grouping import group_key
 from actgrad.model import MLP
-from actgrad.stacked_mlp import StackedMLP, member_state, stack_states
+from actgrad.stacking import member_state, stack, stack_states
 
 from hydra_plugins.actgrad_launcher.stacked_launcher import plan_groups
 
@@ -41,10 +41,10 @@ def nets(norm, seeds=(0, 1, 2)):
     return out
 
 
-@pytest.mark.parametrize("norm", [None, partial(nn.BatchNorm1d, momentum=0.001), nn.LayerNorm])
+@pytest.mark.parametrize("norm", [None, partial(nn.BatchNorm1d, momentum=0.001), nn.LayerNorm, nn.RMSNorm])
 def test_a_stacked_forward_and_backward_equal_each_member_alone(norm):
     members = nets(norm)
-    stacked = StackedMLP(members)
+    stacked = stack(members, 3)
     x = torch.randint(0, 27, (3, 32, 3))
     y = torch.randint(0, 27, (3, 32))
     logits = stacked(x)  # (members, vocab, batch)
@@ -57,13 +57,13 @@ def test_a_stacked_forward_and_backward_equal_each_member_alone(norm):
         for name, p in net.named_parameters():
             torch.testing.assert_close(dict(stacked.named_parameters())[name].grad[i], p.grad, rtol=1e-5, atol=1e-7)
         if isinstance(norm, partial):  # BatchNorm: each member's own running statistics
-            torch.testing.assert_close(stacked.blocks[0].norm.running_mean[i], net.blocks[0].norm.running_mean)
+            torch.testing.assert_close(stacked.get_submodule("blocks.0.norm").running_mean[i], net.blocks[0].norm.running_mean)
 
 
 def test_the_stacks_tanh_is_tanh_within_its_stated_error():
-    """stacked_mlp.Tanh (2 sigmoid(2x) - 1 on a CPU) against float64 tanh: values within 2e-7, the
+    """stacking.Tanh (2 sigmoid(2x) - 1 on a CPU) against float64 tanh: values within 2e-7, the
     gradient tanh's own (1 - y^2 of its output), the same values with and without autograd."""
-    from actgrad.stacked_mlp import Tanh
+    from actgrad.stacking import Tanh
 
     x = torch.cat([torch.linspace(-12, 12, 20001), torch.randn(10000) * 1e-4, torch.tensor([0.0, -0.0])])
     exact = torch.tanh(x.double())
@@ -81,7 +81,7 @@ def test_the_stacks_tanh_is_tanh_within_its_stated_error():
 
 def test_a_members_state_is_its_single_runs_state_dict():
     members = nets(partial(nn.BatchNorm1d, momentum=0.001))
-    state = StackedMLP(members).state_dict()
+    state = stack(members, 3).state_dict()
     for i, net in enumerate(members):
         mine = member_state(state, i)
         assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in net.state_dict().items()}
@@ -353,11 +353,14 @@ def test_each_group_shows_a_bar_and_its_members_end_lines(small_names, tmp_path)
 
 
 def test_a_run_that_cannot_stack_says_why():
-    from functools import partial
-
     from actgrad.group import why_alone
     from actgrad.model import WaveNet
+    from actgrad.optim import SGD
 
-    assert why_alone(MLP(27, 3, 10, 40, 2, norm=partial(nn.BatchNorm1d)), []) is None
-    assert why_alone(MLP(27, 3, 10, 40, 2, norm=partial(nn.RMSNorm)), []).startswith("its norm RMSNorm has no stacked form")
-    assert why_alone(WaveNet(27, 8), []).startswith("WaveNet has no stacked form")
+    for net, block in ((MLP(27, 3, 10, 40, 2, norm=nn.RMSNorm), 3), (WaveNet(27, 8, norm=nn.BatchNorm1d), 8)):
+        assert why_alone(net, [], block, SGD(net.parameters(), lr=0.1)) is None
+    conv = nn.Sequential(nn.Embedding(27, 4), nn.Conv1d(3, 3, 1), nn.Flatten(), nn.Linear(12, 27))
+    assert why_alone(conv, [], 3) == "1 (Conv1d) has no stacked form"
+    net = MLP(27, 3, 10, 40, 1)
+    assert why_alone(net, [], 3, torch.optim.SGD(net.parameters(), lr=0.1)) == (
+        "optimizer torch.optim.sgd.SGD: stacking needs actgrad's own optimizers (actgrad.optim: SGD, Adam, AdamW)")

@@ -40,8 +40,7 @@ from actgrad.stacked import (
     StackedData,
     StackedModule,
 )
-from actgrad.model import MLP
-from actgrad.stacked_mlp import member_state, stackable
+from actgrad.stacking import NoStackedForm, member_state, stack
 from actgrad.stop import StopRequest
 from actgrad.writer import Writer
 
@@ -91,7 +90,7 @@ def prepare_member(full: DictConfig, run_dir: Path) -> Member | dict:
     try:
         check_config(cfg)
         data, module = experiment.build(cfg)  # as a single run builds it: same seed, same init
-        module.configure_optimizers()  # its settings checked now, one line if bad
+        made = module.configure_optimizers()  # its settings checked now, one line if bad
         module.record = experiment.run_record(cfg, data, module.net)
         start = plan_start(run.path, cfg, module.record, run.status(), run.read_yaml("run.yaml"))
         member = Member(cfg, full, run, module, start, data=data,
@@ -108,25 +107,38 @@ def prepare_member(full: DictConfig, run_dir: Path) -> Member | dict:
             log.exception("%s: failed", run.path)
             return failed(run, f"{type(e).__name__}: {first_line(e)}")
         return refused(Member(cfg, full, run, None, None), message)  # leaves only why, for the sweep's summary
-    reason = why_alone(module.net, member.callbacks)
-    if reason:  # the launcher trains it as a single run: said, and recorded in its attempts
-        log.warning("%s: trains alone: %s", run.path.name, reason)
-        run.log_attempt({"note": f"trains alone: {reason}"})
-        run.unlock()
-        return ALONE
+    optimizer = made["optimizer"] if isinstance(made, dict) else made
+    member.alone = why_alone(module.net, member.callbacks, data.block_size, optimizer)
     return member
 
 
-def why_alone(net, callbacks) -> str | None:
+def why_alone(net, callbacks, block_size: int, optimizer=None) -> str | None:
     """Why a member cannot train in a stack, in a few words; None when it can."""
-    if not stackable(net):
-        norms = [type(b.norm).__name__ for b in getattr(net, "blocks", []) if hasattr(b, "norm")]
-        what = f"its norm {norms[0]}" if isinstance(net, MLP) and norms else type(net).__name__
-        return f"{what} has no stacked form (stacked: actgrad's MLP with BatchNorm1d, LayerNorm or none)"
+    if optimizer is not None and not hasattr(optimizer, "member_index"):
+        kind = type(optimizer)
+        return (f"optimizer {kind.__module__}.{kind.__name__}: stacking needs actgrad's own optimizers "
+                "(actgrad.optim: SGD, Adam, AdamW)")
+    try:
+        stack([net], block_size)  # the one place that decides, on a stack of one
+    except NoStackedForm as e:
+        return str(e)
     for c in callbacks:
         if not member_capable(c):
             return f"callback {type(c).__name__} overrides Lightning hooks a member's view cannot serve"
     return None
+
+
+def say_alone(members: list[Member]) -> None:
+    """Members that cannot stack, one line for those of one reason; each member's attempts record it.
+    The launcher then trains each as a single run."""
+    by_reason = {}
+    for m in members:
+        by_reason.setdefault(m.alone, []).append(m)
+    for reason, alike in by_reason.items():
+        log.warning("%s: trains alone: %s", " | ".join(m.run.path.name for m in alike), reason)
+        for m in alike:
+            m.run.log_attempt({"note": f"trains alone: {reason}"})
+            m.run.unlock()
 
 
 def train_group(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
@@ -138,6 +150,11 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
             results[i] = prepared
         else:
             members.append((i, prepared))
+    say_alone([m for _, m in members if m.alone])
+    for i, m in members:
+        if m.alone:
+            results[i] = ALONE
+    members = [(i, m) for i, m in members if not m.alone]
     by_step = {}
     for i, m in members:  # members resume together only from one step
         by_step.setdefault(m.start.step, []).append((i, m))

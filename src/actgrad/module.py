@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from actgrad.checks import ConfigError, first_line
-from actgrad.diagnostic import Diagnostic, overrides, start_here, watched_table  # watched_table: stacked.py imports it from here
+from actgrad.diagnostic import Diagnostic, overrides, start_here
 from actgrad.keys import PLAIN_PRECISION
 from actgrad.layers import watched
 from actgrad.snapshot import Recorder

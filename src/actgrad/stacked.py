@@ -1,4 +1,4 @@
-"""The training of a stack of runs: one LightningModule over a StackedMLP (actgrad.stacked_mlp)
+"""The training of a stack of runs: one LightningModule over their stacked network (actgrad.stacking)
 whose members each keep what a single run has: their diagnostics (fed `snapshot.member(i)`), their
 writer, their checkpoints in a single run's format, their job log. actgrad.group decides which
 runs stack and starts and ends each member as a single run's attempt.
@@ -23,13 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from actgrad.checkpoint import AtomicCheckpointIO, load
 from actgrad.data import RandomBatches
-from actgrad.diagnostic import START_HERE, Diagnostic, layout
+from actgrad.diagnostic import Diagnostic, start_here
 from actgrad.keys import MEMBER_NUMBERS
 from actgrad.layers import watched
-from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, merge_written, watched_table
+from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, merge_written
 from actgrad.rundir import RunDir, fault
 from actgrad.snapshot import Recorder, Snapshot
-from actgrad.stacked_mlp import StackedMLP, member_state, stack_states
+from actgrad.stacking import member_state, stack, stack_states
 from actgrad.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Member:
     cfg: DictConfig  # the run's config (as train.py gets it)
     full: DictConfig  # with the `hydra` node: what HydraConfig holds while this member is handled
     run: RunDir
-    module: LanguageModel  # its own MLP: built and initialised as a single run would, then stacked
+    module: LanguageModel  # its own network: built and initialised as a single run would, then stacked
     start: object
     data: object = None
     loggers: list = field(default_factory=list)  # as conf/logger/ makes them for a single run
@@ -53,6 +53,7 @@ class Member:
     best: object = None  # its ModelCheckpoint (state only: the group saves best.ckpt itself)
     written: tuple = (None, {})
     results: dict | None = None  # set when the member ends early (diverged)
+    alone: str | None = None  # why it cannot train in a stack (actgrad.group.why_alone); None: it can
 
     @property
     def diagnostics(self):
@@ -165,9 +166,9 @@ class StackedBatches:
 
 
 def batch_major(snapshot: Snapshot) -> Snapshot:
-    """The layers of a stacked snapshot as a single run has them, (members, batch, features): StackedMLP's
-    activations are feature-major. Views, no copies."""
-    t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
+    """The layers of a stacked snapshot as a single run has them, (members, batch, ...): the stack holds a
+    member's batch last (actgrad.stacking). Views, no copies."""
+    t = lambda x: None if x is None else x.movedim(-1, 1)  # noqa: E731
     return replace(snapshot, layers={name: replace(layer, pre=t(layer.pre), out=t(layer.out), grad=t(layer.grad))
                                      for name, layer in snapshot.layers.items()})
 
@@ -178,8 +179,9 @@ class StackedModule(L.LightningModule):
     def __init__(self, members: list[Member], stop=None, logs=None):
         super().__init__()
         self.members, self.logs = members, logs
-        self.net = StackedMLP([m.module.net for m in members])
+        self.net = stack([m.module.net for m in members], members[0].data.block_size)
         self.first = members[0].cfg
+        self.layers = None  # member 0's watched layers and parameter tags (actgrad.layers.watched): every member's
         self.log_every_n_steps, self.val_every_n_steps = self.first.log_every_n_steps, self.first.val_every_n_steps
         self.automatic_optimization = False
         self.stop = stop
@@ -228,14 +230,14 @@ class StackedModule(L.LightningModule):
 
     # --- hooks
     def on_fit_start(self):
-        for j, m in enumerate(self.members):
+        first = self.members[0]
+        self.layers = watched(first.module.net, first.data.block_size)  # one line a group: the members are alike
+        for m in self.members:
             for d in m.diagnostics:
                 d.writer, d.last_step = m.writer, self.trainer.max_steps - 1
+                d.driven = True  # this loop records their snapshots
             if self.global_step == 0:
-                m.writer.charts(layout(m.diagnostics))
-                if m.diagnostics:
-                    table = watched_table(watched(m.module.net, m.data.block_size, quiet=j > 0))  # one line a group
-                    m.writer.text("start here", START_HERE + table, 0)
+                start_here(m.writer, m.diagnostics, self.layers)
 
     def on_train_start(self):
         self.started = True
@@ -280,7 +282,8 @@ class StackedModule(L.LightningModule):
         for i in range(len(xs)):
             step = first + i
             watching = self.watching(step)
-            recorder = Recorder(self.net, set().union(*(d.needs for _, ds in watching for d in ds))) if watching else None
+            needs = set().union(*(d.needs for _, ds in watching for d in ds))
+            recorder = Recorder(self.net, needs, self.layers) if watching else None
             losses = self.step_once(xs[i], ys[i], recorder)
             if watching:
                 snapshot = batch_major(recorder.snapshot(step, losses, 0.0))
