@@ -20,12 +20,31 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+DRIVER = Path("/proc/driver/nvidia/gpus")  # a folder per GPU, where NVIDIA's driver is loaded
 
 
 def gpu_count() -> int:
+    """The GPUs torch can train on: what a job, or a group's worker, decides with."""
     import torch  # here: a sweep's parent process never imports torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def visible_gpus() -> int:
+    """The NVIDIA GPUs this process may use, counted without torch: a sweep's parent sizes its pool of
+    workers with it and never imports torch (~1 s). The driver's devices (/proc/driver/nvidia/gpus),
+    at most as many as CUDA_VISIBLE_DEVICES names before its first hidden one (-1). Other GPUs (ROCm)
+    count 0 here; the workers still train on them, and say when torch sees another count."""
+    count = len(list(DRIVER.iterdir())) if DRIVER.is_dir() else 0
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named is None:
+        return count
+    shown = 0
+    for device in named.split(","):
+        if not device.strip() or device.strip().startswith("-"):
+            break  # CUDA ignores every device from the first invalid one on
+        shown += 1
+    return min(count, shown)
 
 
 def pool_dir(sweep_dir) -> Path:

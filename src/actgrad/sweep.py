@@ -9,7 +9,9 @@ import datetime
 import itertools
 import logging
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -19,13 +21,15 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from actgrad.gpus import gpu_count
+from actgrad.gpus import visible_gpus as gpu_count  # the driver's count: a sweep's parent imports no torch
 from actgrad.rundir import MADE_BY_RESOLVER, attempts_of_this_sweep, missing_dirs
 from actgrad.stop import SWEEP_ID, stop_file
 
 log = logging.getLogger(__name__)
 # TensorBoard's default port; the query turns its smoothing (0.6 by default, which hides a bad start) off
 BOARD_URL = "http://localhost:6006/?smoothing=0#timeseries"
+# what no address or event file sets: said where the address is printed
+BOARD_NOTE = 'TIME SERIES; in SCALARS and CUSTOM SCALARS set smoothing 0 and untick "Ignore outliers" yourself'
 
 
 def swept_overrides() -> str:
@@ -130,14 +134,27 @@ class SweepSummary(Callback):
                 at = f" at step {attempt['steps']:,}" if isinstance(attempt.get("steps"), int) else ""
                 log.info("  %s: %s%s %s", name, attempt.get("outcome"), at, attempt.get("error") or "")
         if counts["completed"] or counts["already completed"] or counts["diverged"]:
-            log.info("look at it: tensorboard --logdir %s, then %s; its loss table: python scripts/report.py %s",
-                     sweep_dir, BOARD_URL, sweep_dir)
+            where = shlex.quote(str(sweep_dir))
+            log.info("look at it: tensorboard --logdir %s, then %s (%s); its loss table: python scripts/report.py %s",
+                     where, BOARD_URL, BOARD_NOTE, where)
+            write_comparison(sweep_dir)
         if counts["interrupted"] or self.signum is not None:
             log.info("resume the sweep with the same command and hydra.sweep.dir=%s", sweep_dir)
             names = [a.get("signal") for _, a in ended if a.get("signal")]
             sys.exit(128 + (self.signum or signal.Signals[names[0] if names else "SIGTERM"]))
         if counts["failed"] or counts["busy"]:
             sys.exit(1)
+
+
+def write_comparison(sweep_dir: Path) -> None:
+    """The sweep's comparison run (actgrad.compare), after the summary: in a process of its own, as it draws
+    with torch's SummaryWriter and this parent imports no torch. Its failure is said in one line, no more."""
+    done = subprocess.run([sys.executable, "-m", "actgrad.compare", str(sweep_dir)], capture_output=True, text=True)
+    if done.returncode == 0:
+        log.info("%s", done.stdout.strip())
+    else:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        log.warning("no comparison run: %s", lines[-1] if lines else f"exit status {done.returncode}")
 
 
 for name, resolver, cache in [("swept", swept_overrides, False), ("parallel_jobs", parallel_jobs, False),

@@ -9,6 +9,7 @@ A group of one runs exactly as under Hydra's own launchers, through the task fun
 """
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Sequence
 import cloudpickle
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
@@ -60,39 +62,43 @@ class StackedLauncher(Launcher):
         self.stack_size, self.n_jobs = stack_size, n_jobs
         self.submitit = dict(submitit) if submitit else None  # each group one submitit job (stacked_slurm.yaml)
         self.config = self.task_function = self.hydra_context = None
+        self.folder, self.ready = None, []  # task and result files; workers started, waiting for a group
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        if not self.submitit:  # started now: they import torch and Lightning while the sweeper composes every job
+            self.folder = tempfile.TemporaryDirectory(prefix="actgrad-groups-")
+            jobs = jobs_in(config, hydra_context.config_loader) or self.n_jobs
+            self.ready = [Worker(Path(self.folder.name)) for _ in range(min(self.n_jobs, jobs))]
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from actgrad.checks import check_counts, release_errors
         from actgrad.grouping import group_key  # from the configs alone: this process imports no torch
 
-        check_counts(self.config)  # the sweep's own settings (jobs_per_gpu): one line, before any job starts
-        release_errors()  # Hydra composed every job: its errors would have stopped the sweep by now
+        ready, self.ready = self.ready, []
+        try:
+            check_counts(self.config)  # the sweep's own settings (jobs_per_gpu): one line, before any job starts
+            release_errors()  # Hydra composed every job: its errors would have stopped the sweep by now
 
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        configs = []
-        for idx, overrides in enumerate(job_overrides):
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(cfg):
-                cfg.hydra.job.id = f"{cfg.hydra.job.name}_{initial_job_idx + idx}"
-                cfg.hydra.job.num = initial_job_idx + idx
-            configs.append(cfg)
-        groups = plan_groups([group_key(cfg) for cfg in configs], self.stack_size, self.n_jobs)
-        n_jobs = min(self.n_jobs, len(groups))
-        log.info("Launching %d jobs as %d groups (stacked, at most %d a group), %d at a time", len(configs),
-                 len(groups), self.stack_size, n_jobs)
-        for group in groups:
-            log.info("\t%s", " | ".join(" ".join(filter_overrides(job_overrides[i])) for i in group))
-        state = Singleton.get_state()
-        tasks = [(self.hydra_context, self.task_function, [configs[i] for i in group], state) for group in groups]
-        if self.submitit:
-            done = self.submit(tasks)
-        else:
-            done = run_workers(tasks, n_jobs)
+            setup_globals()
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+            if not self.submitit:  # a later batch (a search's): its workers start before its jobs are composed
+                more = min(self.n_jobs, len(job_overrides)) - len(ready)
+                ready += [Worker(Path(self.folder.name)) for _ in range(more)]
+            configs = [self.job_config(overrides, initial_job_idx + idx) for idx, overrides in enumerate(job_overrides)]
+            groups = plan_groups([group_key(cfg) for cfg in configs], self.stack_size, self.n_jobs)
+            n_jobs = min(self.n_jobs, len(groups))
+            log.info("Launching %d jobs as %d groups (stacked, at most %d a group), %d at a time", len(configs),
+                     len(groups), self.stack_size, n_jobs)
+            for group in groups:
+                log.info("\t%s", " | ".join(" ".join(filter_overrides(job_overrides[i])) for i in group))
+            state = Singleton.get_state()
+            tasks = [(self.hydra_context, self.task_function, [configs[i] for i in group], state) for group in groups]
+            done = self.submit(tasks) if self.submitit else run_workers(tasks, n_jobs, ready, Path(self.folder.name))
+        finally:
+            for worker in ready:
+                worker.dismiss()  # those left without a group exit
         returns = [None] * len(configs)
         for group, rets in zip(groups, done):
             group_configs = [configs[i] for i in group]
@@ -102,6 +108,12 @@ class StackedLauncher(Launcher):
                 returns[i] = ret
         return returns
 
+    def job_config(self, overrides: Sequence[str], num: int) -> DictConfig:
+        """A job's whole config, as Hydra's own launchers compose it."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.id, cfg.hydra.job.num = f"{cfg.hydra.job.name}_{num}", num
+        return cfg
 
     def submit(self, tasks: list) -> list:
         """Each group as one job of a submitit executor (SLURM, or `local` for a try), all as one array."""
@@ -128,58 +140,84 @@ class GroupTask:
         return submitit.helpers.DelayedSubmission(self, *args)
 
 
-def run_workers(tasks: list, n_jobs: int) -> list:
-    """Each group in a process of its own, `n_jobs` at a time; each group's JobReturns, or for a group whose
-    worker died or that never started (the sweep was stopping) a dict saying so. A second Ctrl-C stops
-    every worker at once (each records its members `interrupted`) and is raised again here."""
-    with tempfile.TemporaryDirectory(prefix="actgrad-groups-") as folder:
-        pending, running, done = list(range(len(tasks))), {}, [None] * len(tasks)
-        stop = stop_file(OmegaConf.select(tasks[0][2][0], "hydra.sweep.dir")) if tasks else None
-        try:
-            while pending or running:
-                while pending and len(running) < n_jobs:
-                    i = pending.pop(0)
-                    if stop is not None and stop.exists():
-                        done[i] = {"status": "interrupted", "signal": "SIGTERM", "error": "not started: the sweep is stopping"}
-                        continue
-                    running[i] = start_worker(Path(folder) / str(i), (run_group, tasks[i]))
-                time.sleep(0.05)
-                for i, proc in list(running.items()):
-                    if proc.poll() is not None:
-                        done[i] = worker_result(Path(folder) / str(i), proc.returncode)
-                        del running[i]
-        except KeyboardInterrupt:
-            for proc in running.values():  # a second Ctrl-C: each worker stops at once, saving its members' status
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGINT)
-                    time.sleep(0.1)  # two signals sent together may arrive as one
-                    proc.send_signal(signal.SIGINT)
-            for proc in running.values():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=30)
-            raise
-        return done
+class Worker:
+    """A worker process (worker.py), started before its group is known: it imports what training needs,
+    then waits for the end of its input. `give` writes its task first; `dismiss` leaves it none, and it exits."""
+
+    def __init__(self, folder: Path):
+        self.prefix = folder / f"worker{next(WORKERS)}"
+        command = [sys.executable, "-m", "hydra_plugins.actgrad_launcher.worker", str(self.prefix), str(os.getpid())]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE)
+
+    def give(self, task) -> None:
+        with open(f"{self.prefix}.task", "wb") as f:
+            cloudpickle.dump(task, f)
+        self.dismiss()
+
+    def dismiss(self) -> None:
+        self.proc.stdin.close()
+
+    def result(self):
+        """The JobReturns it wrote, or why it wrote none."""
+        result = Path(f"{self.prefix}.result")
+        if result.is_file():
+            with open(result, "rb") as f:
+                return cloudpickle.load(f)
+        code = self.proc.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        return {"status": "failed", "error": f"its group's worker process died ({how})"}
 
 
-def start_worker(prefix: Path, task) -> subprocess.Popen:
-    with open(f"{prefix}.task", "wb") as f:
-        cloudpickle.dump(task, f)
-    command = [sys.executable, "-m", "hydra_plugins.actgrad_launcher.worker", f"{prefix}.task", f"{prefix}.result",
-               str(os.getpid())]
-    return subprocess.Popen(command)
+def jobs_in(config: DictConfig, loader) -> int | None:
+    """How many jobs the command line's sweep (and the sweeper's params) make, or None when a sweeper
+    chooses them (an interval: Optuna)."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    lines = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    count = 1
+    for override in OverridesParser.create(config_loader=loader).parse_overrides(lines):
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                return None
+            count *= len(list(override.sweep_string_iterator()))
+    return count
 
 
-def worker_result(prefix: Path, returncode: int):
-    """The JobReturns a worker wrote, or why it wrote none."""
-    result = Path(f"{prefix}.result")
-    if result.is_file():
-        with open(result, "rb") as f:
-            return cloudpickle.load(f)
-    if returncode < 0:
-        how = f"killed by {signal.Signals(-returncode).name}"
-    else:
-        how = f"exit status {returncode}"
-    return {"status": "failed", "error": f"its group's worker process died ({how})"}
+WORKERS = itertools.count()  # worker numbers: the names of their task and result files
+
+
+def run_workers(tasks: list, n_jobs: int, ready: list[Worker], folder: Path) -> list:
+    """Each group in a process of its own, `n_jobs` at a time, the first ones given to the `ready` workers;
+    each group's JobReturns, or for a group whose worker died or that never started (the sweep was stopping)
+    a dict saying so. A second Ctrl-C stops every worker at once (each records its members `interrupted`)
+    and is raised again here."""
+    ready = list(ready)
+    pending, running, done = list(range(len(tasks))), {}, [None] * len(tasks)
+    stop = stop_file(OmegaConf.select(tasks[0][2][0], "hydra.sweep.dir")) if tasks else None
+    try:
+        while pending or running:
+            while pending and len(running) < n_jobs:
+                i = pending.pop(0)
+                if stop is not None and stop.exists():
+                    done[i] = {"status": "interrupted", "signal": "SIGTERM", "error": "not started: the sweep is stopping"}
+                    continue
+                running[i] = ready.pop(0) if ready else Worker(folder)
+                running[i].give((run_group, tasks[i]))
+            time.sleep(0.05)
+            for i, worker in list(running.items()):
+                if worker.proc.poll() is not None:
+                    done[i] = worker.result()
+                    del running[i]
+    except KeyboardInterrupt:
+        for worker in running.values():  # a second Ctrl-C: each worker stops at once, saving its members' status
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.send_signal(signal.SIGINT)
+                time.sleep(0.1)  # two signals sent together may arrive as one
+                worker.proc.send_signal(signal.SIGINT)
+        for worker in running.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.proc.wait(timeout=30)
+        raise
+    return done
 
 
 def unfinished_return(cfg: DictConfig, outcome: dict) -> JobReturn:
@@ -246,13 +284,17 @@ def run_group(hydra_context, task_function, configs: list[DictConfig], singleton
 @contextlib.contextmanager
 def free_gpu(configs: list[DictConfig]):
     """The whole group on one free GPU of the sweep's pool, held while it trains; None without GPUs."""
-    from actgrad.gpus import gpu_count, take_gpu
+    from actgrad.gpus import gpu_count, take_gpu, visible_gpus
 
     first = configs[0]
     if first.trainer.accelerator not in ("auto", "gpu", "cuda"):  # not with trainer=cpu or mps
         yield None
         return
-    with take_gpu(first.hydra.sweep.dir, gpu_count(), first.jobs_per_gpu) as gpu:
+    gpus = gpu_count()
+    if gpus != visible_gpus():  # the parent counted without torch (a ROCm GPU, a CPU-only torch)
+        log.warning("torch sees %d GPUs, the sweep's parent counted %d and ran groups at once for that; "
+                    "hydra.launcher.n_jobs=<groups at once> sets it", gpus, visible_gpus())
+    with take_gpu(first.hydra.sweep.dir, gpus, first.jobs_per_gpu) as gpu:
         if gpu is not None:
             for cfg in configs:
                 with open_dict(cfg):

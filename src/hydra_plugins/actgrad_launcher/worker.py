@@ -1,12 +1,16 @@
-"""A stacked sweep's worker process: `python -m hydra_plugins.actgrad_launcher.worker TASK RESULT`.
+"""A stacked sweep's worker process: `python -m hydra_plugins.actgrad_launcher.worker PREFIX PARENT`.
 
 Each group trains in a process of its own, started by the launcher, so that a worker that dies
-(the OOM killer, kill -9) takes only its own group's members. TASK holds the group's job
-(cloudpickled: Hydra's task function may live in the user's `__main__`), RESULT receives its
-JobReturns. The worker stops like a run does when its parent dies: it asks itself to stop at
-the next step boundary (SIGTERM), saves and exits, so no orphan trains on.
+(the OOM killer, kill -9) takes only its own group's members. The launcher starts it before it has
+composed the jobs: the worker imports what training needs (torch, Lightning: most of a run's
+start-up) meanwhile, then waits for the end of its standard input. By then PREFIX.task holds its
+group's job (cloudpickled: Hydra's task function may live in the user's `__main__`), or there is no
+such file and it exits; PREFIX.result receives its JobReturns. The worker stops like a run does
+when its parent dies: it asks itself to stop at the next step boundary (SIGTERM), saves and exits,
+so no orphan trains on.
 """
 
+import gc
 import os
 import signal
 import sys
@@ -38,17 +42,22 @@ def defer_signals() -> None:
         signal.signal(signum, lambda s, frame: None)
 
 
-def main(task_file: str, result_file: str, parent: int) -> None:
+def main(prefix: str, parent: int) -> None:
     stop_when_orphaned(parent)
     defer_signals()
-    with open(task_file, "rb") as f:
+    import actgrad.experiment  # noqa: F401  (torch, Lightning: imported while the launcher composes the jobs)
+
+    sys.stdin.buffer.read()  # the launcher ends it once the task is written, or when it has none for us (or died)
+    if not os.path.exists(f"{prefix}.task"):
+        return
+    with open(f"{prefix}.task", "rb") as f:
         function, args = cloudpickle.load(f)
     returns = function(*args)
-    partial = f"{result_file}.partial"
-    with open(partial, "wb") as f:
+    with open(f"{prefix}.result.partial", "wb") as f:
         cloudpickle.dump(returns, f)
-    os.replace(partial, result_file)  # the launcher reads a whole result or none
+    os.replace(f"{prefix}.result.partial", f"{prefix}.result")  # the launcher reads a whole result or none
+    gc.freeze()  # exit at once: collecting torch's and Lightning's objects one by one at exit takes ~1 s
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]))
