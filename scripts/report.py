@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from actgrad.configurations import configurations, seed_of  # noqa: E402
+from actgrad.compare import compare  # noqa: E402
 from actgrad.events import scalars as read_scalars  # noqa: E402
 
 COLUMNS = ["run", "status", "initial loss", "ln(V)", "train loss", "val loss", "test loss", "peak saturation",
@@ -255,6 +256,9 @@ def main():
     report(args.sweep_dir)
     print((args.sweep_dir / "report.md").read_text(), end="")
     print(f"\nwritten into {shlex.quote(str(args.sweep_dir))}: report.md, report.csv, loss_curves.png, saturation.png")
+    out = compare(args.sweep_dir)  # the sweep's comparison run, rewritten from what the runs logged
+    if out is not None:
+        print(f"comparison figures: tensorboard --logdir {shlex.quote(str(out))}")
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def test_the_end_of_a_run_says_where_it_wrote_its_status_and_how_to_look(small_n
     train(make_config(*TINY, f"data.path={small_names}"), tmp_path / "run")
     last = caplog.records[-1].getMessage().splitlines()
     assert last[0].startswith(f"run {tmp_path / 'run'}: completed at step 40; loss train ")
-    assert last[1] == f"look at it: tensorboard --logdir {tmp_path / 'run'}, then http://localhost:6006/?smoothing=0#timeseries"
+    assert last[1] == (f"look at it: tensorboard --logdir {tmp_path / 'run'}, then http://localhost:6006/?smoothing=0#timeseries "
+                       '(TIME SERIES; in SCALARS and CUSTOM SCALARS set smoothing 0 and untick "Ignore outliers" yourself)')
     assert end_line(tmp_path / "x", {"status": "diverged", "steps": 1200, "final/train_loss": 3.8e31}, []) == \
         f"run {tmp_path / 'x'}: diverged at step 1,200; loss train 3.8e+31"
 
@@ -248,8 +249,10 @@ def test_a_sweeps_end_names_tensorboard_and_the_report(small_names, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = proc.stdout + proc.stderr
     assert f"sweep {sweep}: 2 completed, 0 already completed, 0 diverged, 0 failed" in said
-    assert (f"look at it: tensorboard --logdir {sweep}, then http://localhost:6006/?smoothing=0#timeseries; "
+    assert (f"look at it: tensorboard --logdir {sweep}, then http://localhost:6006/?smoothing=0#timeseries (TIME SERIES; "
+            'in SCALARS and CUSTOM SCALARS set smoothing 0 and untick "Ignore outliers" yourself); '
             f"its loss table: python scripts/report.py {sweep}") in said
+    assert f"comparison: {sweep / 'compare'}" in said  # the sweep's comparison run, after its summary
 
 
 def test_a_device_this_machine_lacks_is_one_line_and_leaves_nothing(small_names, tmp_path):

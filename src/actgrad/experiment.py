@@ -13,6 +13,7 @@ import os
 import platform
 import pydoc
 import shutil
+import shlex
 import signal
 import subprocess
 import warnings
@@ -443,9 +444,10 @@ def write_end(trainer, board, cfg, results: dict, latest: dict | None = None, ne
 
 
 def printable_path(path: Path) -> str:
-    """A path as one would type it here: relative to the working directory when inside it."""
+    """A path as one would type it into a shell here: relative to the working directory when inside it,
+    quoted when it needs it (`callbacks=[default,grad_norm]` is a glob to zsh)."""
     relative = os.path.relpath(path)
-    return path.as_posix() if relative.startswith("..") else relative
+    return shlex.quote(path.as_posix() if relative.startswith("..") else relative)
 
 
 def format_value(value) -> str:
@@ -462,7 +464,8 @@ def end_line(path: Path, results: dict, loggers) -> str:
     line = f"run {printable_path(path)}: {results['status']} at step {results.get('steps', 0):,}" + (f"; loss {losses}" if losses else "")
     if results.get("error") and results["status"] != "diverged":  # a diverged run's error was said when it happened
         line += f" ({results['error']})"
-    look = [f"tensorboard --logdir {printable_path(path)}, then {sweep.BOARD_URL}" for lg in loggers if isinstance(lg, TensorBoardLogger)][:1]
+    look = [f"tensorboard --logdir {printable_path(path)}, then {sweep.BOARD_URL} ({sweep.BOARD_NOTE})"
+            for lg in loggers if isinstance(lg, TensorBoardLogger)][:1]
     look += [printable_path(Path(lg.log_dir) / "metrics.csv") for lg in loggers if isinstance(lg, CSVLogger)]
     return line + ("\nlook at it: " + "; ".join(look) if look else "")
 
