@@ -1,5 +1,6 @@
 """hydra/launcher=stacked: runs of one shape trained as one stacked model, each member a normal run."""
 
+import json
 import os
 import re
 import signal
@@ -321,6 +322,20 @@ def test_a_run_whose_callback_cannot_serve_a_member_trains_alone(small_names, tm
     assert "as 1 groups" in proc.stdout + proc.stderr and "runs stacked" not in proc.stdout + proc.stderr
     statuses = read_statuses(tmp_path / "s")
     assert [s["status"] for s in statuses.values()] == ["completed"] * 2
+
+
+def test_a_job_whose_config_cannot_stack_is_said_at_the_start_and_recorded(small_names, tmp_path):
+    """A torch optimizer keeps a job out of any stack (the stacked update needs actgrad.optim's flat buffers):
+    one line per job before anything trains, and a note in its attempts.jsonl."""
+    proc = run_cli("-m", *ONE_GROUP, *TINY, f"data.path={small_names}", "optimizer._target_=torch.optim.SGD",
+                   "seed=1,2", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    reason = "trains alone: optimizer torch.optim.SGD: stacking needs actgrad's own optimizers"
+    assert said.count(reason) == 2 and said.index(reason) < said.index("completed at step")
+    for seed in (1, 2):
+        notes = [a.get("note") for a in map(json.loads, (tmp_path / f"seed={seed}" / "attempts.jsonl").read_text().splitlines())]
+        assert any(n and n.startswith(reason) for n in notes)
 
 
 @pytest.mark.slow

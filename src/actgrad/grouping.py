@@ -17,14 +17,29 @@ OWN_CALLBACKS = ("actgrad.",)  # written for a member's view of the trainer (see
 
 
 def group_key(cfg: DictConfig) -> str | None:
-    """Runs with equal keys can train as one stacked model; None: this run trains alone."""
-    if cfg.get("ckpt_path") or cfg.get("init_from") or cfg.get("compile") or not cfg.get("optimizer"):
+    """Runs with equal keys can train as one stacked model; None: this run trains alone (why_alone says why)."""
+    if why_alone(cfg):
         return None
-    if str(cfg.trainer.get("precision", "32-true")) not in PLAIN_PRECISION:
-        return None  # a precision plugin scales the loss: the single run takes Lightning's path, so must this
-    if not str(cfg.optimizer.get("_target_", "")).startswith("actgrad.optim."):
-        return None  # the stacked update needs actgrad.optim's flat buffers
-    if not all(str(c.get("_target_", "")).startswith(OWN_CALLBACKS) for c in (cfg.callbacks or {}).values()):
-        return None  # a plain Lightning callback would see the whole stack
     flat = flatten(OmegaConf.to_container(cfg, resolve=False))
     return json.dumps({k: v for k, v in flat.items() if not role(k).may_differ_in_stack}, sort_keys=True, default=str)
+
+
+def why_alone(cfg: DictConfig) -> str | None:
+    """Why a run's config keeps it out of any stack, in a few words; None when it may stack (the worker
+    checks its network and callbacks again: actgrad.group.why_alone)."""
+    for key, why in (("ckpt_path", "it starts from a checkpoint of its own"), ("init_from", "it starts from another "
+                     "run's weights"), ("compile", "torch.compile compiles one network")):
+        if cfg.get(key):
+            return f"{key}={cfg.get(key)}: {why}"
+    if not cfg.get("optimizer"):
+        return "no optimizer"
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision not in PLAIN_PRECISION:  # the single run takes Lightning's path, with its plugin: so must this
+        return f"trainer.precision={precision}: a precision plugin scales the loss; stacking needs 32-bit"
+    target = str(cfg.optimizer.get("_target_", ""))
+    if not target.startswith("actgrad.optim."):
+        return f"optimizer {target}: stacking needs actgrad's own optimizers (actgrad.optim: SGD, Adam, AdamW)"
+    for c in (cfg.callbacks or {}).values():
+        if not str(c.get("_target_", "")).startswith(OWN_CALLBACKS):
+            return f"callback {c.get('_target_')}: a plain Lightning callback would see the whole stack"
+    return None

@@ -73,7 +73,7 @@ class StackedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from actgrad.checks import check_counts, release_errors
-        from actgrad.grouping import group_key  # from the configs alone: this process imports no torch
+        from actgrad.grouping import group_key, why_alone  # from the configs alone: this process imports no torch
 
         ready, self.ready = self.ready, []
         try:
@@ -93,6 +93,10 @@ class StackedLauncher(Launcher):
                      len(groups), self.stack_size, n_jobs)
             for group in groups:
                 log.info("\t%s", " | ".join(" ".join(filter_overrides(job_overrides[i])) for i in group))
+            for i, cfg in enumerate(configs):  # said at the start; its worker records it in the job's attempts
+                reason = why_alone(cfg)
+                if reason:
+                    log.warning("%s: trains alone: %s", " ".join(filter_overrides(job_overrides[i])), reason)
             state = Singleton.get_state()
             tasks = [(self.hydra_context, self.task_function, [configs[i] for i in group], state) for group in groups]
             done = self.submit(tasks) if self.submitit else run_workers(tasks, n_jobs, ready, Path(self.folder.name))
@@ -275,10 +279,22 @@ def run_group(hydra_context, task_function, configs: list[DictConfig], singleton
     setup_globals()
     Singleton.set_state(singleton_state)
     if len(configs) == 1:
-        return [run_alone(hydra_context, task_function, configs[0])]
+        returned = run_alone(hydra_context, task_function, configs[0])
+        note_alone(configs[0])
+        return [returned]
     configure_log(configs[0].hydra.hydra_logging, configs[0].hydra.verbose)  # a worker starts bare: lines to the terminal
     with free_gpu(configs):
         return train_stacked(hydra_context, task_function, configs)
+
+
+def note_alone(cfg: DictConfig) -> None:
+    """Record in a lone job's attempts why its config kept it out of a stack (the parent said it at the start)."""
+    from actgrad.grouping import why_alone
+    from actgrad.rundir import RunDir
+
+    reason = why_alone(cfg)
+    if reason and (job_dir(cfg) / "attempts.jsonl").exists():
+        RunDir(job_dir(cfg)).log_attempt({"note": f"trains alone: {reason}"})
 
 
 @contextlib.contextmanager
