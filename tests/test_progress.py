@@ -88,3 +88,34 @@ def test_bar_keeps_actgrad_on_its_fast_path():
     # actgrad.module takes Lightning's slower step path when a callback overrides one of these step hooks
     for hook in ("on_before_backward", "on_after_backward", "on_before_optimizer_step"):
         assert getattr(StepProgressBar, hook) is getattr(L.Callback, hook)
+
+
+def test_a_sweeps_jobs_show_their_bars_under_a_terminal(small_names, tmp_path):
+    """A pty that reports a size of 0 x 0 (what `script` gives without a terminal) hid every bar: each job of a
+    sweep (here two groups of one, one per worker) draws its own, named after it."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    master, child_end = pty.openpty()
+    args = ["-m", "init=naive,kaiming", "trainer.max_steps=200", "steps_per_batch=20", "log_every_n_steps=20",
+            "val_every_n_steps=100", "callbacks=none", f"data.path={small_names}", f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdin=child_end, stdout=child_end,
+                            stderr=child_end)
+    os.close(child_end)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the pty closed: every process writing to it has exited
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait() == 0, out.decode(errors="replace")[-3000:]
+    screen = out.decode(errors="replace").replace("\r", "\n")
+    for job in ("init=naive", "init=kaiming"):
+        assert re.search(rf"{job}: 100%\|.*\| 200/200 \[.*steps/s", screen), screen[-3000:]

@@ -178,7 +178,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, loggers: list, extra_callbacks=(
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     callbacks += [instantiate(c, dirpath=str(run.path / "checkpoints")) for c in cfg.checkpoints.values()]
     if cfg.trainer.enable_progress_bar and cfg.get("progress_bar"):
-        callbacks.append(instantiate(cfg.progress_bar))
+        callbacks.append(instantiate(cfg.progress_bar, **bar_place(run)))
     callbacks.extend(extra_callbacks)
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # preemption is ours to handle (stop.py): Lightning's requeue would save
@@ -191,6 +191,16 @@ def build_trainer(cfg: DictConfig, run: RunDir, loggers: list, extra_callbacks=(
             device = f"accelerator={cfg.trainer.get('accelerator')}, devices={cfg.trainer.get('devices')}"
             raise ConfigError(f"trainer ({device}): {first_line(e.__cause__)}") from None
         raise
+
+
+def bar_place(run: RunDir) -> dict:
+    """A sweep's job draws its bar under its own name, on a line of its own among the jobs training at
+    once (its job number modulo the launcher's n_jobs), as a stacked group's bar does (actgrad.group)."""
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return {}
+    hydra_cfg = HydraConfig.get()
+    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=None) or 1
+    return {"description": run.path.name, "process_position": hydra_cfg.job.num % max(1, int(n_jobs))}
 
 
 def build_loggers(cfg: DictConfig, run: RunDir, start) -> list:

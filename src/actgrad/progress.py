@@ -10,6 +10,7 @@ It is redrawn at most once every `refresh_seconds`, whatever the chunk size, and
 Python numbers (global_step, the module's `recent_loss` float): no host sync, nothing per step.
 """
 
+import os
 import sys
 import time
 
@@ -18,6 +19,14 @@ from tqdm import tqdm
 
 STEPS = "{desc}: {percentage:3.0f}%|{bar}| {n:,}/{total:,} [{elapsed}<{remaining}{postfix}]"
 NO_TOTAL = "{desc}: {n:,} [{elapsed}{postfix}]"  # max_steps=-1: no end to show
+
+
+def terminal_size() -> tuple[int, int] | None:
+    """(columns, lines) that stdout's terminal reports, None when stdout is no terminal."""
+    try:
+        return tuple(os.get_terminal_size(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -38,9 +47,12 @@ class StepProgressBar(TQDMProgressBar):
         # max(): tqdm drops a total below n, and the format needs one (a run resumed past a lowered max_steps)
         total = max(trainer.max_steps, trainer.global_step) if trainer.max_steps > 0 else None
         # initial: a resumed run starts at its step, and tqdm's ETA counts only this attempt's steps
+        # a terminal that reports a size of 0 (a bare pty, as `script` makes it) hides every bar: say 100 x 24
+        sized = terminal_size() != (0, 0)
         return tqdm(desc=self.train_description, initial=trainer.global_step, total=total,
                     bar_format=STEPS if total else NO_TOTAL, position=self.process_position,
-                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout)
+                    disable=self.is_disabled, leave=True, dynamic_ncols=sized, ncols=None if sized else 100,
+                    nrows=None if sized else 24, file=sys.stdout)
 
     # the module validates itself; a Lightning validation loop, if any, gets no bar of its own
     def init_sanity_tqdm(self):
