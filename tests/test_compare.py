@@ -36,7 +36,7 @@ def small_names_module(tmp_path_factory):
 
 def text_of(compare_dir) -> str:
     board = events.accumulate(compare_dir)
-    return board.Tensors("compare/loss table/text_summary")[0].tensor_proto.string_val[0].decode()
+    return board.Tensors("Sweep loss table/text_summary")[0].tensor_proto.string_val[0].decode()
 
 
 def test_the_sweep_writes_its_comparison_with_seeds_as_repeats(sweep):

@@ -295,3 +295,20 @@ def test_non_letter_files_are_stripped_as_before(tmp_path, content):
 def test_a_word_outside_the_vocabulary_is_an_error():
     with pytest.raises(ValueError, match="'é', outside the vocabulary"):
         build_examples(["josé"], 3)
+
+
+def test_a_run_on_the_offline_fallback_says_so_in_its_hyperparameters(tmp_path):
+    """HPARAMS and hparams.yaml name the census names a run trained on, not just the `names` choice."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT, TINY
+
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "train.py", *TINY, f"data.cache_dir={tmp_path / 'cache'}",
+                           f"+data.url={(tmp_path / 'unreachable').as_uri()}", f"hydra.run.dir={run}"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    recorded = yaml.safe_load((run / "hparams.yaml").read_text())
+    assert recorded["data"] == "names (offline: census-1990-first-names)" and recorded["status"] == "completed"

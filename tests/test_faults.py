@@ -164,7 +164,7 @@ def test_a_second_sweep_into_a_busy_dir_says_so_and_a_second_ctrl_c_stops_at_onc
     said = busy.stdout + busy.stderr
     assert busy.returncode == 1 and "4 refused as busy" in said and "Traceback" not in said, said[-3000:]
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
-    time.sleep(0.5)
+    time.sleep(0.1)  # the second before the jobs end of themselves: they stop, save and exit within half a second
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]

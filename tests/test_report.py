@@ -135,8 +135,9 @@ def test_a_failed_job_is_named_and_not_averaged(sweep, tmp_path, capsys, monkeyp
     assert naive["val loss"] == "{:.4f} ± {:.4f}".format(*by_hand(
         [final(sweep / f"init=naive,norm=batchnorm,seed={s}", "val") for s in (1, 2)]))
     assert "Not compared (fewer than 2 completed seeds, no spread to judge by): init=kaiming,norm=none" in out.out
-    assert out.out.rstrip().endswith(f"written into {shlex.quote(str(sweep))}: report.md, report.csv, "
-                                        "loss_curves.png, saturation.png")
+    assert out.out.rstrip().splitlines()[-2:] == [
+        f"written into {shlex.quote(str(sweep))}: report.md, report.csv, loss_curves.png, saturation.png",
+        f"comparison figures: tensorboard --logdir {shlex.quote(str(sweep / 'compare'))}"]
 
 
 def test_one_seed_each_is_a_row_per_run(sweep, tmp_path):

@@ -60,11 +60,12 @@ def everything_under(root: Path) -> set[Path]:
     return {Path(dirpath) / name for dirpath, dirs, files in os.walk(root) for name in dirs + files}
 
 
-def assert_only_inside(top: Path, run_dir: Path, own_files=()):
-    """Everything under top is the run dir, inside it, or one of its parents (with `own_files`, a sweep dir's):
-    nothing stray, nothing empty."""
+def assert_only_inside(top: Path, run_dir: Path, own_files=(), own_dirs=()):
+    """Everything under top is the run dir, inside it, or one of its parents (with `own_files` and `own_dirs`,
+    a sweep dir's: its multirun.yaml, its comparison run): nothing stray, nothing empty."""
     for path in everything_under(top):
         own = path.name in own_files and run_dir.is_relative_to(path.parent)
+        own = own or any(path.is_relative_to(run_dir.parent / d) for d in own_dirs)
         assert path.is_relative_to(run_dir) or run_dir.is_relative_to(path) or own, path
 
 
@@ -86,7 +87,7 @@ def test_a_sweep_with_a_traversing_value_writes_inside_its_dir(small_names, tmp_
     sweep = tmp_path / "work" / "sweep"
     proc = run_cli("-m", *TINY, f"data.path={small_names}", ESCAPING, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    [run_dir] = [p for p in sweep.iterdir() if p.is_dir()]  # one job: named after all its overrides
+    [run_dir] = [p for p in sweep.iterdir() if p.is_dir() and p.name != "compare"]  # one job: named after all its overrides
     assert run_dir.name.startswith("+tag=.._.._.._.._.._escaped,") and (run_dir / "status.yaml").is_file()
-    assert_only_inside(tmp_path / "work", run_dir, own_files={"multirun.yaml"})
+    assert_only_inside(tmp_path / "work", run_dir, own_files={"multirun.yaml"}, own_dirs={"compare"})
     assert set(tmp_path.iterdir()) == {tmp_path / "work", small_names}

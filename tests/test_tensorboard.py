@@ -87,7 +87,7 @@ def test_hparams_tell_the_sweeps_runs_apart(server):
 
 def test_final_values_sit_at_the_final_step_and_the_last_step_is_logged(sweep):
     for run in sweep.iterdir():
-        if not run.is_dir():
+        if not run.is_dir() or run.name == "compare":  # the sweep's comparison run
             continue
         logged = scalars(run)
         for tag in ("final/val_loss", "final/train_loss", "final/steps", "test/loss"):
@@ -148,10 +148,10 @@ def test_text_tab_opens_with_start_here_then_provenance(server):
     from actgrad.diagnostic import START_HERE
 
     tags = get(server, "/data/plugin/text/tags")
-    runs = [run for run in tags if "/" not in run]  # the jobs, not their layers
+    runs = [run for run in tags if "/" not in run and run != "compare"]  # the jobs, not their layers or the comparison
     assert len(runs) == 4 and all(set(tags[run]) == {"Start here/text_summary", "provenance/text_summary",
                                                       "status/text_summary"} for run in runs)
     every = sorted({tag for run_tags in tags.values() for tag in run_tags})
     assert not [tag for tag in every if tag[0] in "/_0123456789"]  # none that TensorBoard would sort first
-    assert every[:2] == ["Start here/text_summary", "provenance/text_summary"]
+    assert every[:3] == ["Start here/text_summary", "Sweep loss table/text_summary", "provenance/text_summary"]
     assert len(START_HERE.splitlines()) <= 15  # whole in the card's 500 px box (looked at in a browser)

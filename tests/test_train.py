@@ -86,8 +86,8 @@ def test_lecture_multirun_leaves_six_named_runs(small_names, tmp_path):
     proc = run_cli("-m", "init=naive,scaled,kaiming", "norm=none,batchnorm", *TINY, f"data.path={small_names}",
                    f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert len(runs) == 6
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name != "compare")  # and the sweep's comparison run
+    assert len(runs) == 6 and (sweep / "compare").is_dir()
     for init, norm in itertools.product(["naive", "scaled", "kaiming"], ["none", "batchnorm"]):
         [run] = [r for r in runs if r.name.startswith(f"init={init},norm={norm}")]
         assert len(list(run.glob("events.out.tfevents.*"))) >= 1

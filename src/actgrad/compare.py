@@ -249,7 +249,7 @@ def compare(sweep_dir) -> Path | None:
     for tag, fig in figures.items():
         if fig is not None:
             writer.add_figure(tag, fig, 0)  # closes the figure
-    writer.add_text("compare/loss table", loss_table(configs, runs, missing), 0)
+    writer.add_text("Sweep loss table", loss_table(configs, runs, missing), 0)  # in TEXT after "Start here"
     writer.close()
     return out
 

@@ -26,6 +26,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -36,6 +37,7 @@ from torch.utils.tensorboard.writer import FileWriter
 from actgrad import events, hparams, sweep  # noqa: F401  (sweep registers the resolvers conf/config.yaml uses)
 from actgrad.checks import ConfigError, check_config, explain, first_line
 from actgrad.checkpoint import AlreadyCompleted, AtomicCheckpointIO, check_shapes, config_hash, plan_start, run_config
+from actgrad.data import CENSUS
 from actgrad.layers import probe
 from actgrad.model import has_shift
 from actgrad.module import Diverged, LanguageModel
@@ -434,10 +436,14 @@ def write_end(trainer, board, cfg, results: dict, latest: dict | None = None, ne
         if results["status"] != "interrupted":
             writer.scalars(final_values(board, results, latest), step)
             columns = (hparams.columns(cfg) or {"seed": cfg.seed}) | {"status": results["status"]}  # no Hydra: no choices
+            words = getattr(getattr(trainer, "datamodule", None), "words", None)
+            if words is not None and words.name == CENSUS:  # offline: not the data its choice names
+                columns["data"] = f"{columns.get('data', 'names')} (offline: {CENSUS})"
             for logger in trainer.loggers:
                 if not isinstance(logger, TensorBoardLogger):
                     logger.log_hyperparams(columns)
                     continue
+                save_hparams_to_yaml(Path(logger.log_dir) / "hparams.yaml", columns)  # Lightning's is {}: we bypass it
                 # torch's summary.hparams, written into the run's own dir: Lightning's log_hyperparams would
                 # also write the metrics at step 0, and SummaryWriter.add_hparams into a new run of its own
                 hparams_file = FileWriter(logger.log_dir)
