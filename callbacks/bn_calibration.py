@@ -82,7 +82,7 @@ class BNCalibration(L.Callback):
                         h.remove()
                 norms = named(calls)
             scalars = self.calibrate(net, norms, inputs, val)
-        Writer.of(trainer).scalars(scalars, trainer.global_step, layers=norms)  # a chart per quantity, a line per layer
+        Writer.of_run(trainer, pl_module).scalars(scalars, trainer.global_step, layers=norms)  # a chart per quantity, a line per layer
 
     def chunks(self, x, y, device) -> list:
         """A split as [(x, y)] of `chunk` examples, on the device, as the model takes them (int64)."""

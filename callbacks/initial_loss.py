@@ -58,7 +58,7 @@ class InitialLoss(Diagnostic):
         generator = torch.Generator().manual_seed(self.seed)
         ix = torch.randperm(len(x), generator=generator)[: self.num_examples]
         loss, vocab = self.measure(pl_module.net, x[ix].to(pl_module.device).long(), y[ix].to(pl_module.device).long())
-        self.report(Writer.of(trainer), loss, vocab, f"on {len(ix)} training examples")
+        self.report(Writer.of_run(trainer, pl_module), loss, vocab, f"on {len(ix)} training examples")
 
     def observe(self, snapshot):
         self.done = True

@@ -367,6 +367,18 @@ def test_an_interrupted_sweep_stops_its_jobs_and_one_command_resumes_it(small_na
                for j in ("init=scaled", "init=kaiming"))
     attempts = [json.loads(l) for l in (sweep / "init=scaled" / "attempts.jsonl").read_text().splitlines()]
     assert attempts[-2]["from_step"] > 0  # it resumed, it did not start over
+    # the comparison run of the resumed sweep: each configuration's line is its run's, every step once
+    from actgrad import compare, events
+
+    runs = {sweep / j: compare.RunEvents(sweep / j) for j in ("init=scaled", "init=kaiming")}
+    for job, run in runs.items():
+        steps, means, _, n = compare.series_line([job], runs, "val/loss")
+        logged = events.scalars(job)["val/loss"]
+        assert n == 1 and steps == [s for s, _ in logged] and len(set(steps)) == len(steps)
+        assert means == pytest.approx([v for _, v in logged])
+    board = events.accumulate(sweep / "compare")
+    table = board.Tensors("Sweep loss table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| init=scaled | 1 |" in table and "| init=kaiming | 1 |" in table and "Not drawn" not in table
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import sys
 import time
 from functools import partial
 
+import lightning as L
 import pytest
 import torch
 import torch.nn as nn
@@ -59,25 +60,6 @@ def test_a_stacked_forward_and_backward_equal_each_member_alone(norm):
             torch.testing.assert_close(dict(stacked.named_parameters())[name].grad[i], p.grad, rtol=1e-5, atol=1e-7)
         if isinstance(norm, partial):  # BatchNorm: each member's own running statistics
             torch.testing.assert_close(stacked.get_submodule("blocks.0.norm").running_mean[i], net.blocks[0].norm.running_mean)
-
-
-def test_the_stacks_tanh_is_tanh_within_its_stated_error():
-    """stacking.Tanh (2 sigmoid(2x) - 1 on a CPU) against float64 tanh: values within 2e-7, the
-    gradient tanh's own (1 - y^2 of its output), the same values with and without autograd."""
-    from actgrad.stacking import Tanh
-
-    x = torch.cat([torch.linspace(-12, 12, 20001), torch.randn(10000) * 1e-4, torch.tensor([0.0, -0.0])])
-    exact = torch.tanh(x.double())
-    with torch.no_grad():
-        fast = Tanh()(x)
-    assert (fast.double() - exact).abs().max() <= 2e-7
-    assert isinstance(Tanh(), nn.Tanh) and type(Tanh()).__name__ == "Tanh"  # diagnostics and labels see a tanh
-    x.requires_grad_(True)
-    y = Tanh()(x)
-    assert torch.equal(y.detach(), fast)
-    g = torch.randn_like(x)
-    y.backward(g)
-    torch.testing.assert_close(x.grad.double(), g.double() * (1 - y.detach().double() ** 2), rtol=1e-6, atol=1e-7)
 
 
 def test_a_members_state_is_its_single_runs_state_dict():
@@ -293,14 +275,53 @@ def test_per_member_hyperparameters_match_single_runs(common, members, composer,
 
     run = ["trainer.max_steps=300", "steps_per_batch=50", "log_every_n_steps=25", "val_every_n_steps=100",
            "trainer.enable_progress_bar=false", "callbacks=default", f"data.path={small_names}"]
-    cfgs = [composer(*run, *common, *own) for own in members]
-    assert len({group_key(c) for c in cfgs}) == 1
+    probe = ["+callbacks.probe._target_=test_stacked.MemberProbe"]
+    keys = {group_key(composer(*run, *common, *own)) for own in members}
+    assert len(keys) == 1 and None not in keys
+    cfgs = [composer(*run, *common, *own, *probe) for own in members]
+    MemberProbe.seen = []
     stacked = train_group(cfgs, [tmp_path / f"stacked{i}" for i in range(len(cfgs))])
     assert [r["status"] for r in stacked] == ["completed"] * len(cfgs)
+    seen_stacked, MemberProbe.seen = MemberProbe.seen, []
     for i, cfg in enumerate(cfgs):
         single = train(cfg, tmp_path / f"single{i}")
         assert stacked[i]["final/val_loss"] == pytest.approx(single["final/val_loss"], rel=1e-5)
         assert_same_run(tmp_path / f"stacked{i}", tmp_path / f"single{i}")
+        # best.ckpt: the member's own ModelCheckpoint chose the step its single run's chose, with its weights
+        a, b = (load(tmp_path / f"{kind}{i}" / "checkpoints" / "best.ckpt") for kind in ("stacked", "single"))
+        assert a["global_step"] == b["global_step"]
+        best = lambda c: next(v for k, v in c["callbacks"].items() if k.startswith("ModelCheckpoint"))  # noqa: E731
+        assert float(best(a)["best_model_score"]) == pytest.approx(float(best(b)["best_model_score"]), rel=1e-5)
+        assert best(a)["best_model_path"] == str(tmp_path / f"stacked{i}" / "checkpoints" / "best.ckpt")
+        torch.testing.assert_close(a["state_dict"], b["state_dict"], rtol=1e-4, atol=1e-5)
+    # a member's callbacks saw Lightning's trainer and the member's own module: its final weights, as its single run's
+    assert [hook for hook, *_ in seen_stacked] == ["setup"] * 3 + ["on_train_start"] * 3 + ["on_train_end"] * 3
+    assert [hook for hook, *_ in MemberProbe.seen] == ["setup", "on_train_start", "on_train_end"] * 3
+    for i in range(len(cfgs)):
+        _, trainer, step, weights = seen_stacked[6 + i]
+        _, single_trainer, single_step, single_weights = MemberProbe.seen[3 * i + 2]
+        assert trainer == single_trainer == "Trainer" and step == single_step == 300
+        torch.testing.assert_close(weights, single_weights, rtol=1e-4, atol=1e-5)
+
+
+class MemberProbe(L.Callback):
+    """An actgrad callback (its module says so) that records what its start and end hooks are given."""
+
+    __module__ = "actgrad.probe"  # a callback of actgrad's own may serve a stack's member
+    seen = []
+
+    def record(self, hook, trainer, pl_module):
+        weights = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
+        MemberProbe.seen.append((hook, type(trainer).__name__, trainer.global_step, weights))
+
+    def setup(self, trainer, pl_module, stage):
+        self.record("setup", trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module):
+        self.record("on_train_start", trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.record("on_train_end", trainer, pl_module)
 
 
 def test_a_stack_size_below_one_is_refused_in_one_line(tmp_path):
@@ -350,6 +371,17 @@ def test_an_optuna_search_stacks_each_batch_of_trials(small_names, tmp_path):
     assert len(statuses) == 4 and all(s["status"] == "completed" for s in statuses.values())
     best = (tmp_path / "optimization_results.yaml").read_text()
     assert "best_value" in best
+    # the comparison run: each trial a configuration of its own, named by its sampled values
+    from actgrad import events
+    from actgrad.configurations import configurations
+
+    configs = configurations(tmp_path)
+    assert len(configs) == 4 and all(len(dirs) == 1 for dirs in configs.values())
+    board = events.accumulate(tmp_path / "compare")
+    table = board.Tensors("Sweep loss table/text_summary")[0].tensor_proto.string_val[0].decode()
+    for label in configs:
+        assert "optimizer.lr=" in label and "init.gain=" in label
+        assert f"| {label} | 1 |" in table
 
 
 def test_each_group_shows_a_bar_and_its_members_end_lines(small_names, tmp_path):

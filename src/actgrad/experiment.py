@@ -345,64 +345,84 @@ def fit(cfg, run: RunDir, data, module, start, trainer) -> dict:
         log.info("resuming from %s (step %d)", start.ckpt_path, start.step)
     log.info("training %s steps on %s into %s", cfg.trainer.max_steps, trainer.strategy.root_device, run.path)
 
-    results = {"status": "completed"}
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=start.ckpt_path, weights_only=True)
-    except Diverged as e:  # a result, not a crash: the sweep goes on and reports it
-        log.error("%s", e)
-        results = {"status": "diverged", "error": str(e)}
-    except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C (Lightning turns it into SystemExit)
-        run.write_status({"status": "interrupted", "steps": trainer.global_step, "signal": "SIGINT",
-                          "error": "stopped at once by a second Ctrl-C; resumes from the last checkpoint"})
-        run.log_attempt({"outcome": "interrupted", "steps": trainer.global_step})
-        raise SystemExit(128 + signal.SIGINT) from None
-    except OSError as e:  # a full disk, a file-size limit, a vanished directory: say it in one line
-        log.error("run failed: %s", e)
-        results = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    except Exception as e:  # one crashed job must not take a sweep down: record it, say it, move on
-        log.exception("run failed")
-        results = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    results["steps"] = trainer.global_step
-    if not module.started and results["status"] == "completed":  # resumed at max_steps, killed during its end:
-        module.write_again()  # Lightning skipped the loop and its hooks; what the purge removed is written again,
-        for cb in trainer.callbacks:  # and the diagnostics' end (figures, calibration) is done again
-            if type(cb).__module__.startswith("actgrad.callbacks."):
-                cb.on_train_end(trainer, module)
-    fault("after_training")
-    if module.stop.signum is not None and results["status"] == "completed" and trainer.global_step < cfg.trainer.max_steps:
-        results = {"status": "interrupted", "steps": trainer.global_step, "signal": signal.Signals(module.stop.signum).name}
-    board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-    end(cfg, trainer, module, data, results, board if start.step else None, latest=module.writer.latest)
-    fault("run_end")
-    run.write_status(results)
-    run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
-                     "signal": results.get("signal")})
+    results = fit_runs(trainer, module, data, start.ckpt_path, [run])
+    results = conclude(cfg, run, module, data, module.writer, results, start, module.stop, signal=results.get("signal"))
     module.stop.hand_over()  # under SLURM, preempted: submitit requeues the job and exits here
     return results
 
 
-def end(cfg, trainer, module, data, results: dict, board=None, latest: dict | None = None) -> None:
+def fit_runs(trainer, module, data, ckpt_path, runs: list[RunDir]) -> dict:
+    """trainer.fit of a run or a stack of runs (their RunDirs), and how it ended: {"status": completed, diverged
+    (every run has; each run's own results are in module.runs) or failed, "error", "steps"}. A second Ctrl-C
+    stops at once: every run's status says so, then SystemExit."""
+    results, failure = {"status": "completed"}, None
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    except Diverged as e:  # a result, not a crash (said when found): the sweep goes on and reports it
+        results, failure = {"status": "diverged", "error": str(e)}, e
+    except (KeyboardInterrupt, SystemExit) as e:  # a second Ctrl-C (Lightning turns it into SystemExit)
+        module.after_exception(e)
+        for run in runs:
+            run.write_status({"status": "interrupted", "steps": trainer.global_step, "signal": "SIGINT",
+                              "error": "stopped at once by a second Ctrl-C; resumes from the last checkpoint"})
+            run.log_attempt({"outcome": "interrupted", "steps": trainer.global_step, "signal": "SIGINT"})
+            run.unlock()
+        raise SystemExit(128 + signal.SIGINT) from None
+    except OSError as e:  # a full disk, a file-size limit, a vanished directory: say it in one line
+        log.error("run failed: %s", e)
+        results, failure = {"status": "failed", "error": f"{type(e).__name__}: {e}"}, e
+    except Exception as e:  # one crashed job must not take a sweep down: record it, say it, move on
+        log.exception("run failed")
+        results, failure = {"status": "failed", "error": f"{type(e).__name__}: {e}"}, e
+    if failure is not None:
+        module.after_exception(failure)
+    results["steps"] = trainer.global_step
+    if not module.started and results["status"] == "completed":  # resumed at max_steps, killed during its end:
+        for j in range(len(module.runs)):  # Lightning skipped the loop and its hooks; what the purge removed
+            module.write_again(j)  # is written again,
+        module.end_again()  # and the diagnostics' end (figures, calibration) is done again
+    return results
+
+
+def conclude(cfg, run: RunDir, module, data, writer: Writer, results: dict, start, stop, **attempt) -> dict:
+    """A run's end after training, alone or in a stack (`module` is its own, with its final weights; `writer`
+    what it wrote with): its final losses and last words in every logger, its status, its attempt."""
+    loggers = writer.loggers
+    if stop.signum is not None and results["status"] == "completed" and results["steps"] < cfg.trainer.max_steps:
+        results = {"status": "interrupted", "steps": results["steps"], "signal": signal.Signals(stop.signum).name}
+    fault("after_training")
+    board = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
+    end(cfg, loggers, module, data, results, board if start.step else None, latest=writer.latest)
+    fault("run_end")
+    run.write_status(results)
+    fault("status")
+    run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
+                     **{k: v for k, v in attempt.items() if v is not None}})
+    return results
+
+
+def end(cfg, loggers: list, module, data, results: dict, board=None, latest: dict | None = None) -> None:
     """A run's end: the final losses of a completed run (finish), then every logger's (write_end). An
     exception there fails the run, in results (the status written next), in one line: a run whose end
     could not be written must not stay `training`, nor read as completed."""
     try:
         if results["status"] == "completed":
-            finish(cfg, trainer, module, data, results)
+            finish(cfg, loggers, module, data, results)
         if results["status"] != "failed" or not results["error"].startswith("OSError"):
-            write_end(trainer, board, cfg, results, latest=latest, net=module.net)  # a disk that failed once is not written to again
+            write_end(loggers, board, cfg, results, latest=latest, net=module.net, data=data)  # a disk that failed once is not written to again
     except Exception as e:
         log.exception("could not write the run's end")
         results.update(status="failed", error=f"writing the run's end: {type(e).__name__}: {first_line(e)}")
 
 
-def finish(cfg, trainer, module, data, results) -> None:
+def finish(cfg, loggers: list, module, data, results) -> None:
     """The final losses on every split, written at the final step."""
     losses = {split: module.evaluate(*data.splits[split]) for split in ("train", "val", "test")}
     end = {"test/loss": losses["test"]}
-    if trainer.global_step % cfg.val_every_n_steps:  # the loop validated at every multiple already
+    if results["steps"] % cfg.val_every_n_steps:  # the loop validated at every multiple already
         end["val/loss"] = losses["val"]
     try:
-        Writer.of(trainer).scalars(end, trainer.global_step)
+        Writer(loggers).scalars(end, results["steps"])
     except OSError as e:
         results.update(status="failed", error=f"{type(e).__name__}: {e}")
         return
@@ -427,19 +447,19 @@ def final_values(board, results: dict, latest: dict | None = None) -> dict:
     return finals
 
 
-def write_end(trainer, board, cfg, results: dict, latest: dict | None = None, net=None) -> None:
+def write_end(loggers: list, board, cfg, results: dict, latest: dict | None = None, net=None, data=None) -> None:
     """The run's end in every logger: final values at the final step, the hyperparameters, the status.
     An interrupted run writes only its status: the attempt that resumes it purges from this step.
     `board`, `latest`: where the final saturations come from (final_values)."""
-    step, writer = results["steps"], Writer.of(trainer)
+    step, writer = results["steps"], Writer(loggers)
     try:
         if results["status"] != "interrupted":
             writer.scalars(final_values(board, results, latest), step)
             columns = (hparams.columns(cfg) or {"seed": cfg.seed}) | {"status": results["status"]}  # no Hydra: no choices
-            words = getattr(getattr(trainer, "datamodule", None), "words", None)
+            words = getattr(data, "words", None)
             if words is not None and words.name == CENSUS:  # offline: not the data its choice names
                 columns["data"] = f"{columns.get('data', 'names')} (offline: {CENSUS})"
-            for logger in trainer.loggers:
+            for logger in loggers:
                 if not isinstance(logger, TensorBoardLogger):
                     logger.log_hyperparams(columns)
                     continue
@@ -451,7 +471,7 @@ def write_end(trainer, board, cfg, results: dict, latest: dict | None = None, ne
                     hparams_file.add_summary(summary, step)
                 hparams_file.close()
         writer.text("status", yaml.safe_dump(results, sort_keys=False), step)
-        for logger in trainer.loggers:  # Lightning's words: MLflow marks its run FINISHED or FAILED by them
+        for logger in loggers:  # Lightning's words: MLflow marks its run FINISHED or FAILED by them
             logger.finalize("success" if results["status"] == "completed" else "failed")
             if isinstance(logger, WandbLogger):  # else the next run of this process (a sweep's worker) would reuse it
                 logger.experiment.finish(exit_code=0 if results["status"] == "completed" else 1)

@@ -13,14 +13,12 @@ See `group_key`.
 
 import copy
 import logging
-import signal
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from actgrad import experiment
@@ -29,17 +27,9 @@ from actgrad.checks import check_config, explain, first_line
 from actgrad.data import available_memory
 from actgrad.diagnostic import Diagnostic, overrides
 from actgrad.grouping import OWN_CALLBACKS
-from actgrad.rundir import Busy, RunDir, fault, note_before_hydra
-from actgrad.stacked import (
-    EVAL_CHUNK,
-    Member,
-    MemberHooks,
-    MemberLogs,
-    MemberTrainer,
-    StackedCheckpointIO,
-    StackedData,
-    StackedModule,
-)
+from actgrad.rundir import Busy, RunDir, note_before_hydra
+from actgrad.module import EVAL_CHUNK
+from actgrad.stacked import Member, MemberLogs, StackedCheckpointIO, StackedData, StackedModule
 from actgrad.stacking import NoStackedForm, member_state, stack
 from actgrad.stop import StopRequest
 from actgrad.writer import Writer
@@ -47,7 +37,7 @@ from actgrad.writer import Writer
 log = logging.getLogger(__name__)
 ALONE = {"status": "alone"}  # train_group's answer for a run that cannot be stacked after all
 
-# what a member's callbacks may override: Lightning calls these with the member's view (actgrad.stacked)
+# the hooks a member's callbacks may override: StackedModule.member_hooks calls them with the member's own module
 MEMBER_HOOKS = ("setup", "on_train_start", "on_train_end", "on_exception", "state_dict", "load_state_dict")
 
 
@@ -217,12 +207,12 @@ def fit_group(members: list[Member]) -> list[dict]:
 def fit_logged(members: list[Member], logs: MemberLogs) -> list[dict]:
     first = members[0].cfg
     for m in members:
-        m.writer = Writer(m.loggers)
+        m.writer = m.module.runs[0].writer = Writer(m.loggers)  # the loop's, and its callbacks' (Writer.of_run)
     module = StackedModule(members, stop=StopRequest(experiment.sweep_stop_file()), logs=logs)
-    callbacks = [MemberHooks(module), instantiate(first.checkpoints.last, dirpath=str(members[0].run.path / "checkpoints"))]
+    last = instantiate(first.checkpoints.last, dirpath=str(members[0].run.path / "checkpoints"))  # every member's
     bar = progress_bar(members)
-    trainer = instantiate(first.trainer, logger=False, callbacks=callbacks + ([bar] if bar else []),
-                          plugins=[StackedCheckpointIO(module)], enable_progress_bar=bar is not None)
+    trainer = instantiate(first.trainer, logger=False, callbacks=[last] + ([bar] if bar else []),
+                          plugins=[StackedCheckpointIO(module, last.path)], enable_progress_bar=bar is not None)
     for m in members:
         hydra_of(m.full)
         origin = experiment.begin(m.cfg, m.run, m.module, m.start, trainer.strategy.root_device, stacked=len(members))
@@ -235,23 +225,7 @@ def fit_logged(members: list[Member], logs: MemberLogs) -> list[dict]:
     start = members[0].start
     log.info("training %d runs stacked, %s steps on %s (%s)", len(members), first.trainer.max_steps,
              trainer.strategy.root_device, ", ".join(m.run.path.name for m in members))
-    status = {"status": "completed"}
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=start.ckpt_path, weights_only=True)
-    except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C: stop now, each member resumes from its last.ckpt
-        for m in members:
-            m.run.write_status({"status": "interrupted", "steps": trainer.global_step, "signal": "SIGINT",
-                                "error": "stopped at once by a second Ctrl-C; resumes from the last checkpoint"})
-            m.run.log_attempt({"outcome": "interrupted", "steps": trainer.global_step, "signal": "SIGINT"})
-            m.run.unlock()
-        raise SystemExit(128 + signal.SIGINT) from None
-    except Exception as e:  # the whole group failed: every member says why
-        log.exception("stacked group failed")
-        status = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    if not module.started and status["status"] == "completed":  # resumed at max_steps, killed during its end:
-        for m in members:  # Lightning skipped the loop and its hooks; what the purge removed is written again
-            module.write_again(m)
-        callbacks[0].on_train_end(trainer, module)  # and the members' diagnostics end (figures, calibration)
+    status = experiment.fit_runs(trainer, module, data, start.ckpt_path, [m.run for m in members])
     trained = module.net.state_dict()  # each member's final weights; on a resume at max_steps, the checkpoint's
     out = []
     for j, m in enumerate(members):
@@ -278,22 +252,12 @@ def progress_bar(members: list[Member]):
 
 
 def end_member(m: Member, trainer, module, status: dict) -> dict:
-    """A member's end, as a single run's: final losses, TensorBoard's last words, status and attempt."""
+    """A member's end, as a single run's (experiment.conclude), with its own module and final weights."""
     hydra_of(m.full)
-    view = MemberTrainer(trainer, m)
     results = dict(m.results or status)
     results["steps"] = results.get("steps", trainer.global_step)
-    if results["status"] == "completed" and module.stop.signum is not None and trainer.global_step < trainer.max_steps:
-        results = {"status": "interrupted", "steps": trainer.global_step,
-                   "signal": signal.Signals(module.stop.signum).name}
-    fault("after_training")
-    board = next((lg for lg in m.loggers if isinstance(lg, TensorBoardLogger)), None)
-    experiment.end(m.cfg, view, m.module, m.data, results, board if m.start.step else None, latest=m.writer.latest)
-    fault("run_end")
-    m.run.write_status(results)
-    fault("status")
-    m.run.log_attempt({"outcome": results["status"], "steps": results["steps"], "error": results.get("error"),
-                       "stacked": len(module.members)})
+    results = experiment.conclude(m.cfg, m.run, m.module, m.data, m.writer, results, m.start, module.stop,
+                                  stacked=len(module.members))
     m.run.unlock()
     log.info("%s", experiment.end_line(m.run.path, results, m.loggers))
     return results

@@ -3,11 +3,14 @@ whose members each keep what a single run has: their diagnostics (fed `snapshot.
 writer, their checkpoints in a single run's format, their job log. actgrad.group decides which
 runs stack and starts and ends each member as a single run's attempt.
 
-The loop is module.LanguageModel's fast path with a leading member dimension: one forward, one
-backward of the members' summed losses (member m's gradient is that of its own loss), one update
-of actgrad.optim's flat buffers, where each member's numbers (lr, momentum, weight decay, betas,
-eps) are spread over its part of the buffer when they differ. Its lr schedule runs on a proxy
-optimizer with one parameter group per member, so torch's schedulers work unchanged.
+StackedModule is module.LanguageModel, whose one loop trains a list of runs, with a leading member
+dimension: one forward, one backward of the members' summed losses (member m's gradient is that of
+its own loss), one update of actgrad.optim's flat buffers, where each member's numbers (lr,
+momentum, weight decay, betas, eps) are spread over its part of the buffer when they differ. Its lr
+schedule runs on a proxy optimizer with one parameter group per member, so torch's schedulers work
+unchanged. What a member's callbacks see is Lightning's own: the trainer, and the member's own
+LanguageModel holding its weights (`member_hooks`); its best.ckpt is its own ModelCheckpoint's,
+fed the member's val/loss through `self.log`.
 """
 
 import contextlib
@@ -23,18 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from actgrad.checkpoint import AtomicCheckpointIO, load
 from actgrad.data import RandomBatches
-from actgrad.diagnostic import Diagnostic, start_here
+from actgrad.diagnostic import Diagnostic
 from actgrad.keys import MEMBER_NUMBERS
-from actgrad.layers import watched
-from actgrad.module import LanguageModel, count_optimizer_steps, divergence, interval_ends, merge_written
+from actgrad.module import LanguageModel, saved_state
 from actgrad.rundir import RunDir, fault
-from actgrad.snapshot import Recorder, Snapshot
+from actgrad.snapshot import Snapshot
 from actgrad.stacking import member_state, stack, stack_states
 from actgrad.writer import Writer
 
 log = logging.getLogger(__name__)
-
-EVAL_CHUNK = 4096  # examples per evaluation forward pass, shared by the members of a stack
 
 
 @dataclass
@@ -50,45 +50,18 @@ class Member:
     loggers: list = field(default_factory=list)  # as conf/logger/ makes them for a single run
     writer: Writer = None
     callbacks: list = field(default_factory=list)
-    best: object = None  # its ModelCheckpoint (state only: the group saves best.ckpt itself)
-    written: tuple = (None, {})
+    best: object = None  # its ModelCheckpoint (best.ckpt): StackedModule.on_train_batch_end drives it
+    written: tuple = (None, {})  # what the loop keeps of it, as of a single run (module.Trained)
     results: dict | None = None  # set when the member ends early (diverged)
     alone: str | None = None  # why it cannot train in a stack (actgrad.group.why_alone); None: it can
 
     @property
+    def diverge_above(self):
+        return self.module.diverge_above
+
+    @property
     def diagnostics(self):
         return [c for c in self.callbacks if isinstance(c, Diagnostic)]
-
-
-class MemberTrainer:
-    """What a member's callbacks see of the trainer: the group's step, the member's data and loggers."""
-
-    def __init__(self, trainer, member: Member):
-        self.trainer, self.member = trainer, member
-
-    @property
-    def global_step(self):
-        return self.trainer.global_step
-
-    @property
-    def max_steps(self):
-        return self.trainer.max_steps
-
-    @property
-    def datamodule(self):
-        return self.member.data
-
-    @property
-    def loggers(self):
-        return self.member.loggers
-
-    @property
-    def logger(self):
-        return self.member.loggers[0] if self.member.loggers else None
-
-    @property
-    def callbacks(self):
-        return self.member.callbacks
 
 
 class MemberLogs:
@@ -173,25 +146,18 @@ def batch_major(snapshot: Snapshot) -> Snapshot:
                                      for name, layer in snapshot.layers.items()})
 
 
-class StackedModule(L.LightningModule):
-    """The training loop of module.LanguageModel (its fast path), for a stack of members."""
+class StackedModule(LanguageModel):
+    """module.LanguageModel's loop over a stack of members: what the leading member dimension changes."""
 
     def __init__(self, members: list[Member], stop=None, logs=None):
-        super().__init__()
-        self.members, self.logs = members, logs
-        self.net = stack([m.module.net for m in members], members[0].data.block_size)
-        self.first = members[0].cfg
-        self.layers = None  # member 0's watched layers and parameter tags (actgrad.layers.watched): every member's
-        self.log_every_n_steps, self.val_every_n_steps = self.first.log_every_n_steps, self.first.val_every_n_steps
-        self.automatic_optimization = False
-        self.stop = stop
-        self.lrs = None  # the members' lrs last given to the optimizer
-        self.frozen = None  # (mask over the flat buffer, values) of members that diverged
-        self.pending_best = []
-        self.losses = []  # each step's (members,) losses since the last train/loss write
-        self.cadences = None  # {cadence: (a diagnostic to ask, [(member index, diagnostic)])}, when fit starts
+        first = members[0].cfg
+        super().__init__(stack([m.module.net for m in members], members[0].data.block_size),
+                         log_every_n_steps=first.log_every_n_steps, val_every_n_steps=first.val_every_n_steps, stop=stop)
+        self.members = self.runs = members  # the loop's runs: each member keeps its writer, diagnostics, results
+        self.logs, self.first = logs, first
+        self.lrs_given = None  # the members' lrs last given to the optimizer
+        self.validated = None  # the members' val losses of this batch, for their best checkpoints
         self.loaded = None  # members' optimizer values and scheduler states of a resumed group
-        self.started = False  # Lightning skips the loop, and its start hooks, when resumed at max_steps
 
     # --- optimizer: member 0's optimizer over the stack, with each member's own numbers as tensors
     def configure_optimizers(self):
@@ -219,141 +185,44 @@ class StackedModule(L.LightningModule):
     def optimizer_dtype(self):
         return next(self.net.parameters()).dtype
 
-    def member_lrs(self) -> list[float]:
+    def lrs(self) -> list[float]:
         return [g["lr"] for g in self.proxy.param_groups]
 
     def set_lrs(self):
-        lrs = [0.0 if m.results else lr for m, lr in zip(self.members, self.member_lrs())]
-        if lrs != self.lrs:
-            self.lrs = lrs
+        lrs = [0.0 if m.results else lr for m, lr in zip(self.members, self.lrs())]
+        if lrs != self.lrs_given:
+            self.lrs_given = lrs
             self.optimizer.param_groups[0]["lr"] = self.spread(lrs)
 
-    # --- hooks
-    def on_fit_start(self):
-        first = self.members[0]
-        self.layers = watched(first.module.net, first.data.block_size)  # one line a group: the members are alike
-        for m in self.members:
-            for d in m.diagnostics:
-                d.writer, d.last_step = m.writer, self.trainer.max_steps - 1
-                d.driven = True  # this loop records their snapshots
-            if self.global_step == 0:
-                start_here(m.writer, m.diagnostics, self.layers)
+    def schedule_step(self):
+        if self.scheduler is None:
+            return None
 
-    def on_train_start(self):
-        self.started = True
-        if self.loaded is not None:
-            self.restore_members(*self.loaded)
-        self.set_lrs()
-        for m in self.members:
-            self.write_again(m)
-        if self.stop is not None:
-            self.stop.install()
-
-    def write_again(self, m: Member):
-        """What a member's earlier attempt wrote at the step this one resumes from: its logger purged it."""
-        step, scalars = m.written
-        if step is not None and step == self.global_step:
-            m.writer.scalars(scalars, step)
-
-    def on_train_end(self):
-        if self.stop is not None:
-            self.stop.restore()
-
-    def watching(self, step: int) -> list:
-        """[(member index, its diagnostics watching this step)]: each cadence shared by members asked once."""
-        if self.cadences is None:
-            self.cadences = {}
-            for j, m in enumerate(self.members):
-                for d in m.diagnostics:
-                    shared = type(d).wants is Diagnostic.wants  # the same cadence answers the same
-                    key = (type(d), d.every_n_steps, d.last_step) if shared else id(d)
-                    self.cadences.setdefault(key, (d, []))[1].append((j, d))
-        out = {}
-        for asked, pairs in self.cadences.values():
-            if asked.wants(step):
-                for j, d in pairs:
-                    if self.members[j].results is None:
-                        out.setdefault(j, []).append(d)
-        return list(out.items())
-
-    def training_step(self, batch, batch_idx):
-        xs, ys = batch
-        first = self.global_step
-        for i in range(len(xs)):
-            step = first + i
-            watching = self.watching(step)
-            needs = set().union(*(d.needs for _, ds in watching for d in ds))
-            recorder = Recorder(self.net, needs, self.layers) if watching else None
-            losses = self.step_once(xs[i], ys[i], recorder)
-            if watching:
-                snapshot = batch_major(recorder.snapshot(step, losses, 0.0))
-                lrs = self.member_lrs()
-                for j, ds in watching:
-                    mine = replace(snapshot.member(j), lr=lrs[j])
-                    with self.members[j].writer.batch():
-                        for d in ds:
-                            d.observe(mine)
-            self.losses.append(losses.detach())  # (members,) on the device: no host sync per step
-        count_optimizer_steps(self.trainer, len(xs))
-        self.write_train_loss()
-        if self.global_step % self.val_every_n_steps == 0:
-            self.validate()
-        if self.stop is not None and self.stop.requested():
-            self.trainer.should_stop = True
-        if all(m.results for m in self.members):
-            self.trainer.should_stop = True  # every member diverged
-
-    def step_once(self, x, y, recorder):
-        optimizer = self.optimizer
-        if recorder:
-            recorder.start()
-        logits = self.net(x)
-        losses = F.cross_entropy(logits, y, reduction="none").mean(1)  # logits (members, vocab, batch)
-        optimizer.clear_grads()
-        losses.sum().backward()  # member m's gradient is that of its own mean loss
-        if recorder:
-            recorder.before_update()
-        optimizer.update()
-        if self.frozen is not None:  # a diverged member keeps the weights it had when it was found
-            mask, values = self.frozen
-            optimizer.flat_params.copy_(torch.where(mask, values, optimizer.flat_params))
-        if self.scheduler is not None:
+        def schedule():
             self.scheduler.step()
             self.set_lrs()
-        return losses
 
-    def write_train_loss(self):
-        """Each member's mean loss of every whole `log_every_n_steps` interval that has just ended."""
-        n, now = self.log_every_n_steps, self.global_step
-        first = now - len(self.losses)
-        ends = interval_ends(first, now, n)
-        if not ends:
-            return
-        losses, lrs = torch.stack(self.losses), self.member_lrs()  # (steps, members)
-        for end in ends:
-            means = losses[max(end - n, first) - first : end - first].mean(0)
-            for j, m in enumerate(self.members):
-                if m.results is not None:
-                    continue
-                loss = self.write(m, {"train/loss": means[j], "lr": lrs[j]}, end)["train/loss"]
-                error = divergence(loss, end, m.module.diverge_above)
-                if error:
-                    self.diverged(j, error)
-        self.losses = self.losses[ends[-1] - first :]
+        return schedule
 
-    def write(self, m: Member, scalars: dict, step: int) -> dict:
-        written = m.writer.scalars(scalars, step)
-        m.written = merge_written(m.written, step, written)
-        return written
+    # --- what the member dimension changes in the loop
+    def losses_of(self, x, y, reduction: str = "mean") -> torch.Tensor:
+        """Each member's loss: (members,). A batch of one run's shape (evaluation) is every member's."""
+        members = len(self.members)
+        if x.ndim == 2:
+            x, y = x.expand(members, *x.shape), y.expand(members, -1)
+        losses = F.cross_entropy(self.net(x), y, reduction="none")  # logits (members, vocab, batch)
+        return losses.mean(1) if reduction == "mean" else losses.sum(1)
 
-    def diverged(self, j: int, error: str, status: str = "diverged"):
-        """Record member j as diverged (or failed) and freeze its weights: the other members train on."""
-        m = self.members[j]
-        if m.results is not None:
-            return  # it ended already: its first reason stands
+    def member_snapshot(self, snapshot, j: int):
+        return batch_major(snapshot).member(j)
+
+    def say(self, j: int, message: str):
         with self.logs.only(j) if self.logs else contextlib.nullcontext():
-            log.error("%s", error)
-        m.results = {"status": status, "error": error, "steps": self.global_step}
+            log.error("%s", message)
+
+    def freeze(self, j: int):
+        """Member j ended (diverged, or its checkpoint could not be saved): its weights stay as they are,
+        the other members train on."""
         params = self.optimizer.flat_params
         mask = self.index == j
         if self.frozen is None:
@@ -362,49 +231,73 @@ class StackedModule(L.LightningModule):
             self.frozen = (self.frozen[0] | mask, torch.where(mask, params, self.frozen[1]))
         self.set_lrs()
 
-    @torch.no_grad()
-    def evaluate(self, x, y) -> torch.Tensor:
-        """Every member's mean loss over a whole split, in eval mode: (members,)."""
-        was_training = self.net.training
-        self.net.eval()
-        members = len(self.members)
-        chunk = max(64, EVAL_CHUNK // members)  # examples per forward: the members' activations together stay bounded
-        total = 0
-        for xc, yc in zip(x.split(chunk), y.split(chunk)):
-            xc, yc = xc.to(self.device).long(), yc.to(self.device).long()
-            logits = self.net(xc.expand(members, *xc.shape))  # (members, vocab, chunk)
-            total = total + F.cross_entropy(logits, yc.expand(members, -1), reduction="none").sum(1)
-        self.net.train(was_training)
-        return total / len(y)
+    def find_runs(self):
+        pass  # each member has its writer and diagnostics (actgrad.group)
 
-    def validate(self):
-        losses = self.evaluate(*self.trainer.datamodule.splits["val"])
-        for j, m in enumerate(self.members):
-            if m.results is not None:
-                continue
-            loss = self.write(m, {"val/loss": losses[j]}, self.global_step)["val/loss"]
-            best = m.best.best_model_score
-            if best is None or loss < float(best):
-                self.pending_best.append((j, loss))
+    def watched_net(self):
+        return self.members[0].module.net  # the members are alike: their layers are member 0's
+
+    # --- each member's best checkpoint: its own Lightning ModelCheckpoint, fed the member's val/loss
+    def monitor(self, losses):
+        self.validated = losses
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        for j, loss in self.pending_best:  # best.ckpt where the single run's ModelCheckpoint would write it
-            best = self.members[j].best
-            path = str(self.members[j].run.path / "checkpoints" / "best.ckpt")
-            score = torch.tensor(loss)
-            best.best_model_score = best.current_score = best.kth_value = score
-            best.best_model_path = best.kth_best_model_path = path
-            best.best_k_models = {path: score}
-            self.trainer.save_checkpoint("best.ckpt", weights_only=False, storage_options={"members": [j]})
-        self.pending_best = []
+        validated, self.validated = self.validated, None
+        if validated is None:
+            return
+        for j, m in enumerate(self.members):
+            if m.results is None:
+                self.log("val/loss", validated[j], logger=False, batch_size=1)  # what its monitor reads
+                m.best.on_train_batch_end(self.trainer, self, outputs, batch, batch_idx)
+
+    # --- the members' callbacks: their start and end hooks, with the trainer and the member's own module
+    def member_hooks(self, hook: str, *args):
+        """Call `hook` of every member's callbacks (those of a member that ended early: on_exception only), as
+        Lightning calls a single run's: (trainer, the member's LanguageModel with its weights now, *args)."""
+        state = self.net.state_dict()
+        for j, m in enumerate(self.members):
+            if m.results is not None and hook != "on_exception":
+                continue
+            m.module.net.load_state_dict(member_state(state, j))
+            m.module.to(self.device)
+            with self.logs.only(j) if self.logs else contextlib.nullcontext():
+                for cb in m.callbacks + [m.best]:
+                    getattr(cb, hook)(self.trainer, m.module, *args)
+
+    def after_exception(self, exception: BaseException):
+        self.member_hooks("on_exception", exception)
+
+    def end_again(self):
+        self.member_hooks("on_train_end")
+
+    def setup(self, stage):
+        self.member_hooks("setup", stage)
+
+    def on_train_start(self):
+        if self.loaded is not None:
+            self.restore_members(*self.loaded)
+        self.set_lrs()
+        self.member_hooks("on_train_start")
+        super().on_train_start()
+
+    def on_train_end(self):
+        self.member_hooks("on_train_end")
+        fault("callbacks_end")  # after the members' figures and BatchNorm calibration
+        super().on_train_end()
 
     # --- checkpoints: one per member, in a single run's format
+    def on_save_checkpoint(self, checkpoint):
+        pass  # each member's part is cut by StackedCheckpointIO (member_checkpoint)
+
+    def on_load_checkpoint(self, checkpoint):
+        pass  # the members' parts were glued by StackedCheckpointIO (merged_checkpoint)
+
     def member_checkpoint(self, checkpoint: dict, j: int) -> dict:
         m = self.members[j]
         opt = checkpoint["optimizer_states"][0]
         group = dict(opt["param_groups"][0])
         group.update(self.member_values[j])
-        lrs = self.member_lrs()
+        lrs = self.lrs()
         group["lr"] = lrs[j]
         if self.scheduler is not None:
             group["initial_lr"] = self.proxy.param_groups[j]["initial_lr"]
@@ -417,8 +310,7 @@ class StackedModule(L.LightningModule):
         member["lr_schedulers"] = [self.member_scheduler_state(j)] if self.scheduler is not None else []
         member["callbacks"] = {cb.state_key: cb.state_dict() for cb in m.callbacks + [m.best] if cb.state_dict()}
         member["hparams_name"], member["hyper_parameters"] = "config", dict(m.module.hparams)
-        m.module._losses, m.module.written = [losses[j] for losses in self.losses], m.written
-        m.module.on_save_checkpoint(member)
+        member["actgrad"] = saved_state(m.module.record, m.module.vocab, [losses[j] for losses in self.losses], m.written)
         return member
 
     def member_scheduler_state(self, j: int) -> dict:
@@ -433,9 +325,9 @@ class StackedModule(L.LightningModule):
                 if isinstance(v, list) and len(v) == 1:
                     state[k] = [s[k][0] for s in scheduler_states]
             self.scheduler.load_state_dict(state)
-            for g, lr in zip(self.proxy.param_groups, state.get("_last_lr", self.member_lrs())):
+            for g, lr in zip(self.proxy.param_groups, state.get("_last_lr", self.lrs())):
                 g["lr"] = lr
-        self.lrs = None
+        self.lrs_given = None
         self.spread_values([{key: v[key] for key in values} for v, values in zip(optimizer_values, self.member_values)])
 
     def spread_values(self, member_values: list[dict]):
@@ -473,56 +365,28 @@ class StackedModule(L.LightningModule):
 
 
 class StackedCheckpointIO(AtomicCheckpointIO):
-    """Writes the stack's checkpoint as one checkpoint per member, into each member's run dir."""
+    """Writes the stack's checkpoint as one checkpoint per member, into each member's run dir: `every`
+    (last.ckpt) for every member still training; a file in one member's checkpoints/ (its best.ckpt, saved by
+    its own ModelCheckpoint) for that member alone."""
 
-    def __init__(self, module: StackedModule):
+    def __init__(self, module: StackedModule, every: Path):
         super().__init__()
-        self.module = module
+        self.module, self.every = module, Path(every)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        members = (storage_options or {}).get("members")
+        path = Path(path)
         for j, m in enumerate(self.module.members):
-            if (members is None and m.results is None) or (members is not None and j in members):
-                try:
-                    m.writer.flush()  # what a resume from this checkpoint will not log again must be on disk first
-                    super().save_checkpoint(self.module.member_checkpoint(checkpoint, j),
-                                            m.run.path / "checkpoints" / Path(path).name)
-                except OSError as e:  # its disk or folder: this member fails alone, the stack trains on
-                    self.module.diverged(j, f"could not save {Path(path).name}: {type(e).__name__}: {e}", "failed")
+            mine = path.parent == m.run.path / "checkpoints" if path != self.every else m.results is None
+            if not mine:
+                continue
+            try:
+                m.writer.flush()  # what a resume from this checkpoint will not log again must be on disk first
+                super().save_checkpoint(self.module.member_checkpoint(checkpoint, j), m.run.path / "checkpoints" / path.name)
+            except OSError as e:  # its disk or folder: this member fails alone, the stack trains on
+                self.module.ended(j, f"could not save {path.name}: {type(e).__name__}: {e}", "failed")
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return self.module.merged_checkpoint()
 
     def remove_checkpoint(self, path):
         pass
-
-
-class MemberHooks(L.Callback):
-    """Each member's callbacks' start and end hooks, with the member's own view and weights."""
-
-    def __init__(self, module: StackedModule):
-        self.module = module
-
-    def call(self, hook, trainer, *args):
-        state = self.module.net.state_dict()
-        for j, m in enumerate(self.module.members):
-            if m.results is not None and hook != "on_exception":
-                continue
-            m.module.net.load_state_dict(member_state(state, j))
-            m.module.to(self.module.device)
-            with self.module.logs.only(j) if self.module.logs else contextlib.nullcontext():
-                for cb in m.callbacks:
-                    getattr(cb, hook)(MemberTrainer(trainer, m), m.module, *args)
-
-    def setup(self, trainer, pl_module, stage):
-        self.call("setup", trainer, stage)
-
-    def on_train_start(self, trainer, pl_module):
-        self.call("on_train_start", trainer)
-
-    def on_train_end(self, trainer, pl_module):
-        self.call("on_train_end", trainer)
-        fault("callbacks_end")  # after the members' figures and BatchNorm calibration
-
-    def on_exception(self, trainer, pl_module, exception):
-        self.call("on_exception", trainer, exception)

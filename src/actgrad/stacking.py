@@ -21,7 +21,7 @@ on a CPU). The stacked net takes (members, batch, block) indices, the loop's lay
 Where batching changes the arithmetic (float32, tests/test_stacked_blocks.py): a batched matmul may sum
 in another order than a single one, BatchNorm reduces the batch in another order, LayerNorm's and
 RMSNorm's affine are applied apart from the normalisation, the embedding's gradient is summed in the
-batch's order (index_select's backward), and on a CPU tanh is computed as 2 sigmoid(2x) - 1 (`Tanh`).
+batch's order (index_select's backward).
 """
 
 import copy
@@ -162,42 +162,11 @@ class StackedRMSNorm(StackedLastDimsNorm):
         return F.rms_norm(y, self.shape, eps=self.eps)
 
 
-def sigmoid_tanh(x):
-    """tanh(x) as 2 sigmoid(2x) - 1, in one new tensor."""
-    return x.mul(2).sigmoid_().mul_(2).sub_(1)
-
-
-class CPUTanh(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        y = sigmoid_tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(grad, y)  # grad * (1 - y^2), as torch.tanh's own backward
-
-
-class Tanh(nn.Tanh):
-    """nn.Tanh, computed on a CPU as 2 sigmoid(2x) - 1: torch's CPU tanh is not vectorized (~2.6 ns an
-    element here, its sigmoid 0.45 ns): it was a seventh of a 12-member step and half of an evaluation.
-    Absolute error <= 2e-7 (torch.tanh's: 3e-8); the backward is tanh's. Other devices: torch.tanh."""
-
-    def forward(self, x):
-        if x.device.type != "cpu":
-            return torch.tanh(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return CPUTanh.apply(x)
-        return sigmoid_tanh(x)
-
-
 def elementwise(module: nn.Module, members: int) -> nn.Module:
-    """A nonlinearity without parameters works on any layout: itself (tanh: the faster CPU form)."""
+    """A nonlinearity without parameters works on any layout: itself."""
     if any(True for _ in module.parameters()):
         raise NoStackedForm("a parameter per channel")
-    return Tanh() if type(module) is nn.Tanh else copy.deepcopy(module)
+    return copy.deepcopy(module)
 
 
 class StackedFlatten(nn.Module):

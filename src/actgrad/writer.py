@@ -75,6 +75,13 @@ class Writer:
     def of(cls, trainer) -> "Writer":
         return cls(trainer.loggers)
 
+    @classmethod
+    def of_run(cls, trainer, pl_module) -> "Writer":
+        """Where a callback writes for `pl_module`'s run: an actgrad module's own writer (a stacked member's
+        module has its member's loggers: actgrad.group), else the trainer's loggers."""
+        own = getattr(pl_module, "writer", None)
+        return own if isinstance(own, Writer) else cls.of(trainer)
+
     def tensorboards(self):
         """The SummaryWriter of every TensorBoard logger: histograms, images and charts go only there."""
         return [logger.experiment for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
