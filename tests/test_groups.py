@@ -242,9 +242,11 @@ def test_mlflow_gets_scalars_figures_and_the_status(small_names, tmp_path):
     assert (tmp_path / "artifacts").is_dir()  # not ./mlruns wherever the tests run
 
 
-def test_a_sweeps_end_names_tensorboard_and_the_report(small_names, tmp_path):
+@pytest.mark.parametrize("launcher", ["local", "parallel"])
+def test_a_sweeps_end_names_tensorboard_and_the_report(launcher, small_names, tmp_path):
+    """A single-process sweep and a process per job (the stacked one: tests/test_compare.py) end alike."""
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "hydra/launcher=local", "init=naive,kaiming", *TINY, f"data.path={small_names}",
+    proc = run_cli("-m", f"hydra/launcher={launcher}", "init=naive,kaiming", *TINY, f"data.path={small_names}",
                    f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = proc.stdout + proc.stderr
@@ -253,6 +255,10 @@ def test_a_sweeps_end_names_tensorboard_and_the_report(small_names, tmp_path):
             'in SCALARS and CUSTOM SCALARS set smoothing 0 and untick "Ignore outliers" yourself); '
             f"its loss table: python scripts/report.py {sweep}") in said
     assert f"comparison: {sweep / 'compare'}" in said  # the sweep's comparison run, after its summary
+    from actgrad import events
+
+    table = events.accumulate(sweep / "compare").Tensors("Sweep loss table/text_summary")[0].tensor_proto.string_val[0]
+    assert "| init=naive | 1 |" in table.decode() and "| init=kaiming | 1 |" in table.decode()
 
 
 def test_a_device_this_machine_lacks_is_one_line_and_leaves_nothing(small_names, tmp_path):

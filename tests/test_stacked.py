@@ -82,6 +82,16 @@ def test_groups_are_cut_by_key_and_stack_size():
     assert plan_groups(["a"] * 5 + ["b"], stack_size=8, workers=3) == [[0, 1, 2], [3, 4], [5]]
 
 
+def test_the_sweeps_groups_are_one_short_line_each():
+    from hydra_plugins.actgrad_launcher.stacked_launcher import group_lines
+
+    jobs = [["experiment=lecture", f"init={i}", f"seed={s}", "data.path=n.txt"] for i in ("naive", "kaiming") for s in (1, 2, 3)]
+    assert group_lines(jobs, [[0, 1, 2, 3, 4], [5]]) == [
+        "group 1, 5 runs: init=naive seed=1 | init=naive seed=2 | init=naive seed=3 | ... | init=kaiming seed=2",
+        "group 2, 1 run: init=kaiming seed=3"]
+    assert group_lines([["seed=1"]], [[0]]) == ["group 1, 1 run: seed=1"]
+
+
 def test_what_may_differ_inside_a_group(composer):
     key = lambda *o: group_key(composer(*o))  # noqa: E731
     base = key()

@@ -149,8 +149,9 @@ def test_text_tab_opens_with_start_here_then_provenance(server):
 
     tags = get(server, "/data/plugin/text/tags")
     runs = [run for run in tags if "/" not in run and run != "compare"]  # the jobs, not their layers or the comparison
-    assert len(runs) == 4 and all(set(tags[run]) == {"Start here/text_summary", "provenance/text_summary",
-                                                      "status/text_summary"} for run in runs)
+    assert len(runs) == 4 and all({"provenance/text_summary", "status/text_summary"} <= set(tags[run]) for run in runs)
+    # the runs share one start-here card (the same layers and diagnostics): written once for the sweep
+    assert len([run for run in runs if "Start here/text_summary" in tags[run]]) == 1
     every = sorted({tag for run_tags in tags.values() for tag in run_tags})
     assert not [tag for tag in every if tag[0] in "/_0123456789"]  # none that TensorBoard would sort first
     assert every[:3] == ["Start here/text_summary", "Sweep loss table/text_summary", "provenance/text_summary"]

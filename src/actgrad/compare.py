@@ -93,9 +93,11 @@ def layers_of(runs: dict, prefix: str) -> list[str]:
     return sorted(names, key=lambda n: int(n.removeprefix("layer")))
 
 
-def distribution_figure(configs, runs, labels, quantity: str, title: str, note: str):
+def distribution_figure(configs, runs, labels, quantity: str, title: str, note: str, log_density: bool = False):
     """Rows: the hidden layers; columns: step 0 and the last step; one line per configuration (the
-    seeds' densities averaged on a common grid), shared axes."""
+    seeds' densities averaged on a common grid), shared axes. `log_density`: a log y axis, for quantities
+    whose scale differs by orders of magnitude between configurations (gradients: a linear axis shows the
+    narrowest as a spike and flattens every other line to zero)."""
     layers = layers_of(runs, quantity)
     if not layers:
         return None
@@ -118,8 +120,13 @@ def distribution_figure(configs, runs, labels, quantity: str, title: str, note: 
                 ax.plot(grid, y, lw=1.4, label=label, **style(i))
                 ax.set_title(f"{layer}, step {picked[0].step:,}" if which == "first" else f"{layer}, last step "
                              f"({picked[0].step:,})", fontsize=9)
-            ax.set_ylabel("density" if col == 0 else "", fontsize=8)
+            ax.set_ylabel(("density (log)" if log_density else "density") if col == 0 else "", fontsize=8)
             ax.grid(alpha=0.3)
+        lines = [line for ax in axes[row] for line in ax.get_lines()]
+        if log_density and lines:  # the row shares its y axis: from its highest peak down four decades
+            top = max(line.get_ydata().max() for line in lines)
+            axes[row][0].set_yscale("log")
+            axes[row][0].set_ylim(top * 1e-4, top * 2)
     return finish(fig, axes, title, note)
 
 
@@ -232,7 +239,8 @@ def compare(sweep_dir) -> Path | None:
         "compare/activations": distribution_figure(configs, runs, labels, "act", "activation distribution per layer "
                                                    "(lecture's histogram figure, across the sweep)", note),
         "compare/activation_gradients": distribution_figure(configs, runs, labels, "act_grad",
-                                                            "activation gradient distribution per layer", note),
+                                                            "activation gradient distribution per layer", note,
+                                                            log_density=True),
         "compare/saturation": series_figure(configs, runs, labels, sorted_tags(runs, "act/saturation/"),
                                             "saturation: share of units in the flat part of the nonlinearity", note,
                                             "share"),

@@ -46,9 +46,11 @@ loggers and actgrad.events keep the flat tags). A `charts` regex matches those t
 written for the flat tags ("dead/.*" for dead/layer1) gets their tags in the layers' runs too (Writer.charts).
 """
 
+import hashlib
 import logging
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -304,12 +306,24 @@ def layout(diagnostics) -> dict:
     return {"Loss": LOSS_CHART} | {type(d).__name__: d.charts for d in diagnostics if d.charts}
 
 
-def start_here(writer: Writer, diagnostics: list, layers) -> None:
+def start_here(writer: Writer, diagnostics: list, layers, once_in: Path | None = None) -> None:
     """What a run writes when it starts from step 0 (TensorBoard keeps one layout per run): the custom-scalars
-    layout, written once the first watched step has logged its tags (Writer.charts), and the start-here card."""
+    layout, written once the first watched step has logged its tags (Writer.charts), and the start-here card.
+    `once_in` (a sweep's dir): the card is written by the first run that has it, not again by each run that
+    shares it (TensorBoard's TEXT tab shows a card once per run)."""
     writer.charts(layout(diagnostics), wait=bool(diagnostics))
-    if diagnostics:
-        writer.text(START_TAG, START_HERE + watched_table(layers), 0)
+    if not diagnostics:
+        return
+    card = START_HERE + watched_table(layers)
+    if once_in is not None:
+        marker = Path(once_in) / f".actgrad-start-here-{hashlib.sha256(card.encode()).hexdigest()[:12]}"
+        try:
+            marker.open("x").close()  # atomic: of the runs starting at once, one creates it
+        except FileExistsError:
+            return
+        except OSError:
+            pass  # no marker, no harm: this run writes the card
+    writer.text(START_TAG, card, 0)
 
 
 # TensorBoard's TEXT tab sorts tags by name, capitals before lower case: this card comes before provenance and status.

@@ -223,8 +223,9 @@ def fit_logged(members: list[Member], logs: MemberLogs) -> list[dict]:
                             | {m.cfg.checkpoint_every_n_steps for m in members}))
     data = StackedData(members, first.steps_per_batch, first.trainer.max_steps, cadences)
     start = members[0].start
+    names = [m.run.path.name for m in members]
     log.info("training %d runs stacked, %s steps on %s (%s)", len(members), first.trainer.max_steps,
-             trainer.strategy.root_device, ", ".join(m.run.path.name for m in members))
+             trainer.strategy.root_device, ", ".join(names if len(names) <= 4 else [*names[:3], "...", names[-1]]))
     status = experiment.fit_runs(trainer, module, data, start.ckpt_path, [m.run for m in members])
     trained = module.net.state_dict()  # each member's final weights; on a resume at max_steps, the checkpoint's
     out = []

@@ -28,6 +28,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -124,7 +125,7 @@ class LanguageModel(L.LightningModule):
                 d.writer, d.last_step = run.writer, self.trainer.max_steps - 1
                 d.driven = True  # this loop records their snapshots: their plain-Trainer hooks do nothing
             if self.global_step == 0:  # TensorBoard keeps one layout per run
-                start_here(run.writer, run.diagnostics, self.layers)
+                start_here(run.writer, run.diagnostics, self.layers, once_in=sweep_dir())
         self.lightning_path = needs_lightning_path(self.trainer)
         if self.lightning_path:
             log.info("a callback overrides %s, or precision is %s: every step takes Lightning's documented path "
@@ -366,6 +367,15 @@ class LanguageModel(L.LightningModule):
                     for xc, yc in zip(x.split(chunk), y.split(chunk)))
         self.net.train(was_training)
         return total / len(y)
+
+
+def sweep_dir() -> Path | None:
+    """The dir of the sweep this run is a job of (Hydra's multirun), else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        return Path(HydraConfig.get().sweep.dir)
+    return None
 
 
 def saved_state(record: dict, vocab, losses: list, written: tuple) -> dict:

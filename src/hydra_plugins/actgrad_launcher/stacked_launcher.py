@@ -54,6 +54,21 @@ def plan_groups(keys: list, stack_size: int, workers: int = 1) -> list[list[int]
     return groups
 
 
+def group_lines(job_overrides: list, groups: list[list[int]], shown: int = 4) -> list[str]:
+    """One line a group: how many runs, and the overrides that vary across the sweep (those every job shares
+    are left out) of its first few runs and its last."""
+    jobs = [filter_overrides(o) for o in job_overrides]
+    shared = set.intersection(*(set(j) for j in jobs)) if len(jobs) > 1 else set()
+    names = [" ".join(o for o in j if o not in shared) or "(the defaults)" for j in jobs]
+    lines = []
+    for number, group in enumerate(groups, 1):
+        mine = [names[i] for i in group]
+        if len(mine) > shown:
+            mine = [*mine[: shown - 1], "...", mine[-1]]
+        lines.append(f"group {number}, {len(group)} run{'s' if len(group) > 1 else ''}: " + " | ".join(mine))
+    return lines
+
+
 class StackedLauncher(Launcher):
     def __init__(self, stack_size: int = 64, n_jobs: int = 1, submitit=None) -> None:
         for key, value in (("stack_size", stack_size), ("n_jobs", n_jobs)):  # Hydra stops; train.py says it in one line
@@ -91,8 +106,8 @@ class StackedLauncher(Launcher):
             n_jobs = min(self.n_jobs, len(groups))
             log.info("Launching %d jobs as %d groups (stacked, at most %d a group), %d at a time", len(configs),
                      len(groups), self.stack_size, n_jobs)
-            for group in groups:
-                log.info("\t%s", " | ".join(" ".join(filter_overrides(job_overrides[i])) for i in group))
+            for line in group_lines(job_overrides, groups):
+                log.info("\t%s", line)
             for i, cfg in enumerate(configs):  # said at the start; its worker records it in the job's attempts
                 reason = why_alone(cfg)
                 if reason:
