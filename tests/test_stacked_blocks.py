@@ -284,6 +284,12 @@ def test_a_custom_model_sweep_stacks_and_each_member_ends_as_its_single_run(smal
     for seed in (1, 2):
         single = train(make_config(*SWEEP, *CUSTOM, f"data.path={small_names}", f"seed={seed}"), tmp_path / f"single{seed}")
         assert statuses[f"seed={seed}"]["final/val_loss"] == pytest.approx(single["final/val_loss"], rel=1e-5, abs=1e-5)
+        # its diagnostics name its layers and parameters as its single run does (the watched layers of its own net)
+        mine, theirs = events.scalars(tmp_path / "s" / f"seed={seed}"), events.scalars(tmp_path / f"single{seed}")
+        assert mine.keys() == theirs.keys() and "act/saturation/layer1" in mine
+    board = events.accumulate(tmp_path / "s" / "seed=1")
+    card = board.Tensors("Start here/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "**Layers watched** (each call of a nonlinearity module): layer1 `4` (Tanh)" in card
 
 
 def test_a_wavenet_group_stacks_and_each_member_ends_as_its_single_run(composer, small_names, tmp_path):

@@ -112,6 +112,10 @@ class StackedData(L.LightningDataModule):
     def splits(self):
         return self.data.splits
 
+    @property
+    def block_size(self):
+        return self.data.block_size
+
     def train_dataloader(self):
         x, y = self.splits["train"]
         if self.data.train_examples:  # debug=overfit, as NamesData.train_dataloader cuts it
