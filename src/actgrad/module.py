@@ -257,9 +257,6 @@ class LanguageModel(L.LightningModule):
         """Each run's lr now."""
         return [self.optimizers().optimizer.param_groups[0]["lr"]]
 
-    def lr(self) -> float:
-        return self.lrs()[0]
-
     def watching(self, step: int) -> list:
         """[(run index, its diagnostics watching this step)]: each cadence the runs share asked once."""
         if self.cadences is None:
