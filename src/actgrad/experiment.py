@@ -40,7 +40,7 @@ from actgrad.checkpoint import AlreadyCompleted, AtomicCheckpointIO, check_shape
 from actgrad.data import CENSUS
 from actgrad.layers import probe
 from actgrad.model import has_shift
-from actgrad.module import Diverged, LanguageModel
+from actgrad.module import Diverged, LanguageModel, sweep_dir
 from actgrad.rundir import Busy, RunDir, fault
 from actgrad.stop import StopRequest, stop_file
 from actgrad.writer import Writer
@@ -198,7 +198,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, loggers: list, extra_callbacks=(
 def bar_place(run: RunDir) -> dict:
     """A sweep's job draws its bar under its own name, on a line of its own among the jobs training at
     once (its job number modulo the launcher's n_jobs), as a stacked group's bar does (actgrad.group)."""
-    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+    if sweep_dir() is None:
         return {}
     hydra_cfg = HydraConfig.get()
     n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=None) or 1
@@ -302,9 +302,8 @@ def save_hydra_record(cfg: DictConfig, run_dir: Path) -> None:
 
 def sweep_stop_file() -> str | None:
     """In a sweep, the file whose existence asks every job to stop (see actgrad.stop)."""
-    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
-        return str(stop_file(HydraConfig.get().sweep.dir))
-    return None
+    sweep = sweep_dir()
+    return str(stop_file(sweep)) if sweep is not None else None
 
 
 def begin(cfg, run: RunDir, module, start, device, **extra) -> dict:

@@ -26,7 +26,7 @@ from actgrad.checkpoint import AlreadyCompleted, plan_start
 from actgrad.checks import check_config, explain, first_line
 from actgrad.data import available_memory
 from actgrad.diagnostic import Diagnostic, overrides
-from actgrad.grouping import OWN_CALLBACKS
+from actgrad.grouping import OWN_CALLBACKS, few
 from actgrad.rundir import Busy, RunDir, note_before_hydra
 from actgrad.module import EVAL_CHUNK
 from actgrad.stacked import Member, MemberLogs, StackedCheckpointIO, StackedData, StackedModule
@@ -225,7 +225,7 @@ def fit_logged(members: list[Member], logs: MemberLogs) -> list[dict]:
     start = members[0].start
     names = [m.run.path.name for m in members]
     log.info("training %d runs stacked, %s steps on %s (%s)", len(members), first.trainer.max_steps,
-             trainer.strategy.root_device, ", ".join(names if len(names) <= 4 else [*names[:3], "...", names[-1]]))
+             trainer.strategy.root_device, ", ".join(few(names)))
     status = experiment.fit_runs(trainer, module, data, start.ckpt_path, [m.run for m in members])
     trained = module.net.state_dict()  # each member's final weights; on a resume at max_steps, the checkpoint's
     out = []

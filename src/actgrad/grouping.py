@@ -16,6 +16,11 @@ from actgrad.keys import PLAIN_PRECISION, flatten, role
 OWN_CALLBACKS = ("actgrad.",)  # written for a member's view of the trainer (see actgrad.stacked)
 
 
+def few(names: list[str], shown: int = 4) -> list[str]:
+    """At most `shown` of a group's names in a line: the first ones, "...", the last."""
+    return names if len(names) <= shown else [*names[: shown - 1], "...", names[-1]]
+
+
 def group_key(cfg: DictConfig) -> str | None:
     """Runs with equal keys can train as one stacked model; None: this run trains alone (why_alone says why)."""
     if why_alone(cfg):

@@ -120,12 +120,13 @@ class LanguageModel(L.LightningModule):
         self.find_runs()
         block_size = getattr(self.trainer.datamodule, "block_size", None)  # what the diagnostics watch; logged
         self.layers = watched(self.watched_net(), block_size) if block_size else None
+        sweep = sweep_dir()  # a sweep's runs that share a start-here card write it once
         for run in self.runs:
             for d in run.diagnostics:
                 d.writer, d.last_step = run.writer, self.trainer.max_steps - 1
                 d.driven = True  # this loop records their snapshots: their plain-Trainer hooks do nothing
             if self.global_step == 0:  # TensorBoard keeps one layout per run
-                start_here(run.writer, run.diagnostics, self.layers, once_in=sweep_dir())
+                start_here(run.writer, run.diagnostics, self.layers, once_in=sweep)
         self.lightning_path = needs_lightning_path(self.trainer)
         if self.lightning_path:
             log.info("a callback overrides %s, or precision is %s: every step takes Lightning's documented path "

@@ -57,14 +57,14 @@ def plan_groups(keys: list, stack_size: int, workers: int = 1) -> list[list[int]
 def group_lines(job_overrides: list, groups: list[list[int]], shown: int = 4) -> list[str]:
     """One line a group: how many runs, and the overrides that vary across the sweep (those every job shares
     are left out) of its first few runs and its last."""
+    from actgrad.grouping import few
+
     jobs = [filter_overrides(o) for o in job_overrides]
     shared = set.intersection(*(set(j) for j in jobs)) if len(jobs) > 1 else set()
     names = [" ".join(o for o in j if o not in shared) or "(the defaults)" for j in jobs]
     lines = []
     for number, group in enumerate(groups, 1):
-        mine = [names[i] for i in group]
-        if len(mine) > shown:
-            mine = [*mine[: shown - 1], "...", mine[-1]]
+        mine = few([names[i] for i in group], shown)
         lines.append(f"group {number}, {len(group)} run{'s' if len(group) > 1 else ''}: " + " | ".join(mine))
     return lines
 
