@@ -131,6 +131,51 @@ def bare_steps(members: int, norm: bool, steps: int = 2000) -> tuple[float, floa
     return loop(nets(1)[0], 0), loop(stack(nets(members), 3), members)
 
 
+def by_hand(members: int, steps: int = 2000) -> tuple[float, float]:
+    """us per step of one `custom_mlp` (the custom sweep's model) and of `members` of it stacked in plain torch
+    ops without actgrad (batched matmuls, one BatchNorm over members x features): the floor of the stacked
+    form, to tell actgrad's cost from the form's. Both loops update the parameters alike, one thread."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    m, batch, block, vocab, n_embd, hidden = members, 32, 3, 27, 10, 200
+    one = custom_mlp(vocab, block)
+    shapes = [(m, *p.shape) for p in one.parameters()]  # table, w1, gain, shift, w2, b2
+    params = [(torch.randn(*shape) * 0.1).requires_grad_() for shape in shapes]
+    table, w1, gain, shift, w2, b2 = params
+    mean, var = torch.zeros(m * hidden), torch.ones(m * hidden)
+    offsets = torch.arange(m).view(-1, 1) * vocab
+    x, y = torch.randint(0, vocab, (m, batch, block)), torch.randint(0, vocab, (m, batch))
+
+    def stacked_loss():
+        rows = table.view(m * vocab, n_embd).index_select(0, (x.view(m, -1) + offsets).view(-1))
+        h = torch.bmm(w1, rows.view(m, batch, -1).transpose(1, 2))  # (members, hidden, batch)
+        h = F.batch_norm(h.reshape(1, m * hidden, batch), mean, var, gain.view(-1), shift.view(-1), True, 0.001, 1e-5)
+        logits = torch.baddbmm(b2.unsqueeze(2), w2, torch.tanh(h).view(m, hidden, batch))
+        return F.cross_entropy(logits, y, reduction="none").mean(1).sum()
+
+    def timed_loop(loss_of, weights):
+        def step():
+            loss = loss_of()
+            for p in weights:
+                p.grad = None
+            loss.backward()
+            with torch.no_grad():
+                for p in weights:
+                    p.sub_(p.grad, alpha=0.1)
+
+        for _ in range(200):
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - start) / steps * 1e6
+
+    single = timed_loop(lambda: F.cross_entropy(one(x[0]), y[0]), list(one.parameters()))
+    return single, timed_loop(stacked_loss, params)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="names file (data.path); default: the config's")
@@ -177,6 +222,10 @@ def main():
             one, stacked = bare_steps(members, norm)
             print(f"  {'BatchNorm' if norm else 'no norm'}, {members} stacked: {stacked:.0f} us against {one:.0f} us "
                   f"for one ({stacked / one:.2f}x the time for {members}x the runs; {stacked / members:.0f} us per run)")
+    print("the custom sweep's model, one nn.Sequential against a stack of it in plain torch ops (no actgrad):")
+    for members in (1, 2, 4):
+        one, stacked = by_hand(members)
+        print(f"  {members} stacked by hand: {stacked:.0f} us against {one:.0f} us for one ({stacked / one:.2f}x)")
 
 
 def runs(name: str) -> int:

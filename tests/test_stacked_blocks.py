@@ -140,6 +140,22 @@ class ShapeOps(nn.Module):
         return self.head(h + 0.5 * F.gelu(h))
 
 
+class Flattened(nn.Module):
+    """An embedding flattened at once, written three ways (the stack makes it flat in one view), and looked
+    up twice (the stack takes the general path)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.embed, self.head = how, nn.Embedding(27, 4), nn.Linear(12, 27)
+
+    def forward(self, idx):
+        if self.how == "torch.flatten":
+            return self.head(torch.flatten(self.embed(idx), 1))
+        if self.how == "keywords":
+            return self.head(self.embed(idx).flatten(start_dim=1, end_dim=-1))
+        return self.head(self.embed(idx).flatten(1) - 0.5 * self.embed(idx).flatten(1))
+
+
 NETS = [
     ("mlp", lambda: MLP(27, 3, 10, 40, 2), 3),
     ("mlp, batchnorm", lambda: MLP(27, 3, 10, 40, 2, norm=partial(nn.BatchNorm1d, momentum=0.1)), 3),
@@ -149,6 +165,7 @@ NETS = [
     ("wavenet, layernorm", lambda: WaveNet(27, 8, 12, 32, norm=nn.LayerNorm), 8),
     ("custom nn.Sequential", lambda: custom_mlp(27, 3), 3),
     ("shape ops", lambda: ShapeOps(), 4),
+    *((f"embedding flattened, {how}", partial(Flattened, how), 3) for how in ("torch.flatten", "keywords", "looked up twice")),
 ]
 
 

@@ -98,11 +98,14 @@ class StackedEmbedding(nn.Module):
         vocab = e.num_embeddings  # member m's rows of one table start at m * vocab:
         self.register_buffer("offsets", torch.arange(members, device=e.weight.device).view(-1, 1) * vocab,
                              persistent=False)
+        self.flat = False  # set by `stack` when the member flattens this output at once (see flattens_at_once)
 
     def forward(self, idx):  # the net's input (members, batch, ...) -> (members, ..., n_embd, batch)
         members, vocab, n_embd = self.weight.shape
         # index_select, not F.embedding: its backward (an index_add) is the faster one for a stack
         rows = self.weight.view(members * vocab, n_embd).index_select(0, (idx.reshape(members, -1) + self.offsets).view(-1))
+        if self.flat:  # the member's flatten(1) of it, in one view: (members, ... x n_embd, batch)
+            return rows.view(members, idx.shape[1], -1).transpose(1, 2)
         return rows.view(*idx.shape, n_embd).movedim(1, -1)
 
 
@@ -339,19 +342,26 @@ def stack(nets: list[nn.Module], block_size: int) -> StackedNet:
 def stacked_graph(graph: fx.Graph, net: nn.Module, twins: dict, members: int) -> fx.Graph:
     """`graph` (net's forward) for the stack: module calls to twins (added to `twins` by path), shape ops
     to their forms for the stack's layout, the input laid out batch last for all but Embeddings."""
-    modules, out, env = dict(net.named_modules()), fx.Graph(), {}
+    modules, out, env, flat = dict(net.named_modules()), fx.Graph(), {}, set()
     for node in graph.nodes:
         if node.op == "placeholder":
             if env:
                 raise NoStackedForm(f"{type(net).__name__}.forward takes more than the indices")
             given = out.node_copy(node)  # (members, batch, block): what an Embedding takes
             env[node] = out.call_function(batch_last, (given,))  # what anything else takes
+        elif node in flat:  # an Embedding's output flattened at once: the Embedding's twin gave it flat
+            env[node] = env[node.args[0]]
         elif node.op == "call_module":
             module = modules[node.target]
             twins.setdefault(node.target, twin(module, node.target, members))
-            if isinstance(module, nn.Embedding) and node.args[0].op != "placeholder":
-                raise NoStackedForm(f"{node.target} (Embedding) has no stacked form: it looks up other than the "
-                                    "forward's input")
+            if isinstance(module, nn.Embedding):
+                if node.args[0].op != "placeholder":
+                    raise NoStackedForm(f"{node.target} (Embedding) has no stacked form: it looks up other than "
+                                        "the forward's input")
+                user = flattens_at_once(node, graph, modules)
+                if user is not None:
+                    twins[node.target].flat = True
+                    flat.add(user)
             env[node] = out.node_copy(node, lambda n: given if isinstance(module, nn.Embedding) else env[n])
         elif node.op == "get_attr":
             raise NoStackedForm(f"{type(net).__name__}.{node.target} is used outside a module call: it has no "
@@ -367,6 +377,24 @@ def stacked_graph(graph: fx.Graph, net: nn.Module, twins: dict, members: int) ->
         if node.target is batch_last and not node.users:  # only Embeddings read the input
             out.erase_node(node)
     return out
+
+
+def flattens_at_once(node: fx.Node, graph: fx.Graph, modules: dict) -> fx.Node | None:
+    """The one flatten of a member's dims from 1 on (nn.Flatten(), .flatten(1), torch.flatten(x, 1)) that is
+    all a once-called Embedding's output goes to, or None. The stack then makes that flat output in one view:
+    the (members, ..., n_embd, batch) detour and its flatten cost about 25 us a step (a third of the fixed
+    cost of stacking the lecture's MLP)."""
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == node.target]
+    if len(calls) != 1 or len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op == "call_module":
+        m = modules[user.target]
+        return user if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1 else None
+    if user.target in ("flatten", torch.flatten) and user.args[0] is node:
+        dims = list(user.args[1:]) + [user.kwargs.get("start_dim", 0), user.kwargs.get("end_dim", -1)][len(user.args) - 1:]
+        return user if dims == [1, -1] else None
+    return None
 
 
 def twin(module: nn.Module, path: str, members: int) -> nn.Module:
