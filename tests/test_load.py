@@ -293,6 +293,21 @@ def test_model_lets_a_callers_own_class_through(trained, tmp_path, helpers):
     assert not helpers.exists()
 
 
+def test_sample_script_builds_a_model_of_ones_own_only_with_allow(trained, tmp_path, helpers):
+    run_dir, _ = trained
+    path = edited(run_dir, tmp_path, put("model", "_target_", value="load_helpers.Net"))
+    script, env = str(ROOT / "scripts" / "sample.py"), {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"error: {path}: its config names model._target_=load_helpers.Net, which actgrad.load does not build "
+        "(allowed: actgrad.model.*, actgrad.optim.*, actgrad.schedule.*, torch.nn.*, torch.optim.*; or pass --allow NAME)"]
+    proc = subprocess.run([sys.executable, script, str(path), "--allow", "load_helpers", "--n", "3", "--seed", "1"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == actgrad.load(path, allow=("load_helpers",)).sample(3, seed=1)
+
+
 def test_what_load_builds_is_decided_by_name_and_by_where_it_is_defined():
     from actgrad.run import ALLOWED, allowed_names, builds
 
