@@ -87,6 +87,16 @@ def check_members(name: str, data: list[str], steps: int, sweep_dir: Path) -> fl
     return worst
 
 
+def us_per_step(step, steps: int) -> float:
+    """us per call of `step` over `steps` calls, after 200 to warm up."""
+    for _ in range(200):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps * 1e6
+
+
 def bare_steps(members: int, norm: bool, steps: int = 2000) -> tuple[float, float]:
     """us per step of one single model and of `members` stacked, hand-written loops, one thread."""
     import torch
@@ -121,12 +131,7 @@ def bare_steps(members: int, norm: bool, steps: int = 2000) -> tuple[float, floa
             loss.backward()
             optimizer.update()
 
-        for _ in range(200):
-            step()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - start) / steps * 1e6
+        return us_per_step(step, steps)
 
     return loop(nets(1)[0], 0), loop(stack(nets(members), 3), members)
 
@@ -165,12 +170,7 @@ def by_hand(members: int, steps: int = 2000) -> tuple[float, float]:
                 for p in weights:
                     p.sub_(p.grad, alpha=0.1)
 
-        for _ in range(200):
-            step()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - start) / steps * 1e6
+        return us_per_step(step, steps)
 
     single = timed_loop(lambda: F.cross_entropy(one(x[0]), y[0]), list(one.parameters()))
     return single, timed_loop(stacked_loss, params)
