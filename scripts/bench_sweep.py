@@ -136,12 +136,15 @@ def bare_steps(members: int, norm: bool, steps: int = 2000) -> tuple[float, floa
     return loop(nets(1)[0], 0), loop(stack(nets(members), 3), members)
 
 
-def by_hand(members: int, steps: int = 2000) -> tuple[float, float]:
-    """us per step of one `custom_mlp` (the custom sweep's model) and of `members` of it stacked in plain torch
-    ops without actgrad (batched matmuls, one BatchNorm over members x features): the floor of the stacked
-    form, to tell actgrad's cost from the form's. Both loops update the parameters alike, one thread."""
+def by_hand(members: int, steps: int = 2000) -> tuple[float, float, float]:
+    """us per step of one `custom_mlp` (the custom sweep's model), of `members` of it stacked in plain torch
+    ops without actgrad (batched matmuls, one BatchNorm over members x features: the floor of the stacked
+    form) and of `members` of it stacked by actgrad.stack, to tell actgrad's cost from the form's. The three
+    loops update the parameters alike, one thread."""
     import torch
     import torch.nn.functional as F
+
+    from actgrad.stacking import stack
 
     torch.set_num_threads(1)
     m, batch, block, vocab, n_embd, hidden = members, 32, 3, 27, 10, 200
@@ -173,7 +176,9 @@ def by_hand(members: int, steps: int = 2000) -> tuple[float, float]:
         return us_per_step(step, steps)
 
     single = timed_loop(lambda: F.cross_entropy(one(x[0]), y[0]), list(one.parameters()))
-    return single, timed_loop(stacked_loss, params)
+    net = stack([custom_mlp(vocab, block) for _ in range(m)], block)
+    ours = timed_loop(lambda: F.cross_entropy(net(x), y, reduction="none").mean(1).sum(), list(net.parameters()))
+    return single, timed_loop(stacked_loss, params), ours
 
 
 def main():
@@ -222,10 +227,11 @@ def main():
             one, stacked = bare_steps(members, norm)
             print(f"  {'BatchNorm' if norm else 'no norm'}, {members} stacked: {stacked:.0f} us against {one:.0f} us "
                   f"for one ({stacked / one:.2f}x the time for {members}x the runs; {stacked / members:.0f} us per run)")
-    print("the custom sweep's model, one nn.Sequential against a stack of it in plain torch ops (no actgrad):")
+    print("the custom sweep's model (an nn.Sequential), stacked in plain torch ops and by actgrad.stack, against one:")
     for members in (1, 2, 4):
-        one, stacked = by_hand(members)
-        print(f"  {members} stacked by hand: {stacked:.0f} us against {one:.0f} us for one ({stacked / one:.2f}x)")
+        one, by_hand_us, ours = by_hand(members)
+        print(f"  {members} stacked: by hand {by_hand_us:.0f} us ({by_hand_us / one:.2f}x one), actgrad.stack {ours:.0f} us "
+              f"({ours / one:.2f}x), one {one:.0f} us")
 
 
 def runs(name: str) -> int:
