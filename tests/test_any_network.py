@@ -20,7 +20,7 @@ from actgrad.writer import subrun
 from actgrad.callbacks.activations import Activations
 from actgrad.callbacks.update_ratio import UpdateRatio
 
-from test_bn_calibration import calibrate, make_splits
+from test_bn_calibration import calibrate, make_splits, trained
 
 torch.set_num_threads(1)
 VOCAB, BLOCK = 27, 3
@@ -299,20 +299,6 @@ def test_a_role_the_model_lacks_is_skipped_in_one_line(caplog):
 
 
 # ---------------------------------------------------------------- BatchNorm calibration
-
-
-def trained(net, splits, steps=20):
-    """A little training in train mode: the running statistics move and lag behind."""
-    torch.manual_seed(0)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    x, y = splits["train"]
-    for _ in range(steps):
-        ix = torch.randint(0, len(x), (32,))
-        loss = F.cross_entropy(net(x[ix].long()), y[ix].long())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return net
 
 
 def test_bn_calibration_finds_a_wrapped_batchnorm_over_batch_and_time():

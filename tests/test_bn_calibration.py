@@ -27,11 +27,10 @@ def make_splits(n_train=1000, n_val=300):
     return {"train": split(n_train), "val": split(n_val)}
 
 
-def trained_net(norm, splits, steps=30):
-    """A net trained a little in train mode: its running statistics have moved, and lag behind it."""
+def trained(net, splits, steps=20, lr=0.1):
+    """`net` trained a little in train mode: its running statistics have moved, and lag behind it."""
     torch.manual_seed(0)
-    net = MLP(n_hidden=20, n_layers=2, norm=norm)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
     x, y = splits["train"]
     for _ in range(steps):
         ix = torch.randint(0, len(x), (32,))
@@ -40,6 +39,11 @@ def trained_net(norm, splits, steps=30):
         loss.backward()
         optimizer.step()
     return net
+
+
+def trained_net(norm, splits, steps=30):
+    torch.manual_seed(0)
+    return trained(MLP(n_hidden=20, n_layers=2, norm=norm), splits, steps, lr=0.2)
 
 
 def calibrate(net, splits, chunk=4096, step=123):
