@@ -36,6 +36,7 @@ class StopRequest:
     def __init__(self, stop_file=None):
         self.stop_file = stop_file
         self.signum = None
+        self.said = False  # the stop said in the log, once, at the step boundary that acts on it
         self.previous = {}
         self.requeue = None  # submitit's handler of the preemption signal, called once we have saved
 
@@ -59,19 +60,23 @@ class StopRequest:
             self.requeue(self.signum, None)
 
     def handle(self, signum, frame) -> None:
+        # No logging here: a second Ctrl-C's KeyboardInterrupt could cut this handler's log call while it
+        # holds the log handler's lock, and the interrupted run's own last lines would then wait forever
         if self.signum is not None and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third must not cut the interrupted status short
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, whatever is half done
         if self.signum is not None:
-            return  # said already (an orphaned worker repeats its SIGTERM)
+            return  # noted already (an orphaned worker repeats its SIGTERM)
         self.signum = signum
         if self.stop_file is not None:  # in a sweep: the jobs after this one do not start
             open(self.stop_file, "a").close()
-        log.warning("%s: stopping at the next step boundary to save a checkpoint (Ctrl-C again to stop at once)",
-                    signal.Signals(signum).name)
 
     def requested(self) -> bool:
-        """Checked at step boundaries: a signal arrived, or the sweep's stop file exists."""
+        """Checked at step boundaries: a signal arrived, or the sweep's stop file exists (said once)."""
         if self.signum is None and self.stop_file is not None and os.path.exists(self.stop_file):
             self.signum = signal.SIGTERM
+        if self.signum is not None and not self.said:
+            self.said = True
+            log.warning("%s: stopping at this step boundary to save a checkpoint (Ctrl-C again to stop at once)",
+                        signal.Signals(self.signum).name)
         return self.signum is not None
