@@ -26,12 +26,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import actgrad  # after parsing: --help answers without loading torch
+    from actgrad.run import ALLOW_HINT
 
     try:
         run = actgrad.load(args.run, allow=tuple(args.allow))
     except ValueError as e:
-        if "or pass model=... or allow=..." in str(e):  # the config names code of its own: say this script's way
-            print(f"error: {str(e).replace('or pass model=... or allow=...', 'or pass --allow NAME')}", file=sys.stderr)
+        if ALLOW_HINT in str(e):  # the config names code of its own: say this script's way to allow it
+            print(f"error: {str(e).replace(ALLOW_HINT, 'or pass --allow NAME')}", file=sys.stderr)
             return 1
         runs = runs_below(Path(args.run))  # outputs/runs/<date>_<time> of a run with overrides: the run is inside it
         inside = "the run is inside it" if len(runs) == 1 else f"{len(runs)} runs are inside it"

@@ -48,6 +48,7 @@ BUILT = ("model", "norm", "optimizer", "scheduler")  # the config nodes load ins
 # write any file a config names); torch's layers, optimizers and lr schedulers. A new module of models goes here.
 ALLOWED = ("actgrad.model", "actgrad.optim", "actgrad.schedule", "torch.nn", "torch.optim")
 NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # a dotted Python name, nothing to resolve or evaluate
+ALLOW_HINT = "or pass model=... or allow=..."  # how a caller lets its own code through (scripts/sample.py: --allow)
 
 
 @dataclass(repr=False)
@@ -200,7 +201,7 @@ def refuse_unknown_targets(file, config: dict, allowed: tuple[str, ...]) -> None
             what = "which actgrad.load does not build" if key.endswith("_target_") else \
                 "an interpolation, which actgrad.load does not resolve"  # it could stand for a target
             raise ValueError(f"{file}: its config names {key}={shown}, {what} (allowed: "
-                             f"{', '.join(n + '.*' for n in allowed)}; or pass model=... or allow=...)")
+                             f"{', '.join(n + '.*' for n in allowed)}; {ALLOW_HINT})")
 
 
 def targets(node, key: str) -> list[tuple[str, object]]:
